@@ -1,0 +1,1 @@
+"""The online half of flexfeed: config, trainer, strategies, refresh, CLI and report."""

@@ -1,0 +1,136 @@
+"""The `flexfeed` command: a thin click layer over plain functions."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from store.errors import FlexfeedError
+
+
+def one_line_errors(fn):
+    """Turn a FlexfeedError into one clear line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FlexfeedError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flexfeed")
+def main():
+    """flexfeed: schedule which data an LLM sees, in what proportion and with what weight."""
+
+
+# --------------------------------------------------------------------------- store
+@main.group()
+def store():
+    """Inspect and maintain a signal store."""
+
+
+@store.command("info")
+@click.argument("path")
+@click.option("--step", type=int, default=None, help="Current model version (training step) for staleness.")
+@click.option("--max-staleness", type=int, default=None, help="Shards older than this many steps are stale.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@one_line_errors
+def store_info(path, step, max_staleness, as_json):
+    """Show signals, dims, dtypes, shard counts, versions, staleness and size on disk."""
+    from store.maintenance import info
+    from store.store import Store
+
+    data = info(Store.open(path), step, max_staleness)
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{data['path']}  dataset {data['dataset_fingerprint']}  "
+                        f"{data['num_rows']} rows in {data['num_shards']} shards of {data['shard_rows']}")
+    for col in ("signal", "key", "dtype", "dim", "shards", "stale", "versions", "size", "index"):
+        table.add_column(col)
+    for s in data["signals"]:
+        versions = s["versions"]
+        vtext = "-" if not versions else (str(versions[0]) if len(versions) == 1 else f"{versions[0]}..{versions[-1]}")
+        table.add_row(s["name"], s["key"], s["dtype"], str(s["dim"] or "-"),
+                      f"{s['shards_committed']}/{s['shards_total']}", str(s["shards_stale"]), vtext,
+                      _human_bytes(s["bytes"]), s["index"])
+    Console().print(table)
+    click.echo(f"total size {_human_bytes(data['bytes'])}, format {data['format_version']}")
+
+
+@store.command("verify")
+@click.argument("path")
+@one_line_errors
+def store_verify(path):
+    """Recompute every committed shard's checksum; exit 1 naming each bad shard."""
+    from tqdm import tqdm
+
+    from store.maintenance import verify
+    from store.store import Store
+
+    st = Store.open(path)
+    total = sum(len(s.records()) for s in st.signals())
+    with tqdm(total=total, unit="shard", desc="verify", disable=total < 8) as bar:
+        report = verify(st, progress=lambda: bar.update(1))
+    for problem in report.problems:
+        click.echo(f"bad: {problem}", err=True)
+    click.echo(f"verified {report.checked} shards: {'ok' if report.ok else f'{len(report.problems)} bad'}")
+    sys.exit(0 if report.ok else 1)
+
+
+@store.command("gc")
+@click.argument("path")
+@one_line_errors
+def store_gc(path):
+    """Remove uncommitted debris (interrupted writes, orphan signals, stale indexes)."""
+    from store.maintenance import gc
+    from store.store import Store
+
+    report = gc(Store.open(path))
+    click.echo(f"removed {len(report.removed)} items, freed {_human_bytes(report.bytes_freed)}")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# --------------------------------------------------------------------------- stage / train / report
+@main.group()
+def stage():
+    """Offline stages that fill the signal store (embed, loss, grads, index)."""
+
+
+@main.command()
+@click.argument("config")
+@click.argument("overrides", nargs=-1)
+@one_line_errors
+def train(config, overrides):
+    """Train with dynamic selection, mixing or weighting from CONFIG (key=value overrides)."""
+    raise FlexfeedError("`flexfeed train` is not available in this build yet", "see the README for status")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@one_line_errors
+def report(run_dirs):
+    """Write PNG plots and one HTML page for one or several runs."""
+    raise FlexfeedError("`flexfeed report` is not available in this build yet", "see the README for status")
+
+
+if __name__ == "__main__":
+    main()

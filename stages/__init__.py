@@ -1,0 +1,1 @@
+"""Offline stages: pure functions shard -> arrays, fanned out over Dask, committed to the store."""

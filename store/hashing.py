@@ -1,0 +1,103 @@
+"""Content hashing: canonical JSON keys, dataset and model fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+HASH_HEX_CHARS = 20  # 80 bits: collisions are not a practical concern for signal keys
+
+
+def _normalise(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): _normalise(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_normalise(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        if not math.isfinite(value):
+            raise ValueError(f"cannot hash non-finite float {value!r}")
+        # repr round-trips exactly and is identical on every platform
+        return value
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    raise TypeError(f"cannot put {type(obj).__name__} into a content key: {obj!r}")
+
+
+def canonical_json(obj) -> str:
+    """Sorted-key, whitespace-free JSON: equal descriptions give equal bytes."""
+    return json.dumps(_normalise(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def stable_hash(obj, chars: int = HASH_HEX_CHARS) -> str:
+    """sha256 of the canonical JSON of ``obj`` (hex prefix)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:chars]
+
+
+def fingerprint_records(records: Iterable, settings: Mapping | None = None) -> str:
+    """Fingerprint a dataset by the content of its rows (order matters) and its settings."""
+    h = hashlib.sha256()
+    h.update(canonical_json(settings or {}).encode())
+    count = 0
+    for record in records:
+        line = canonical_json(record).encode()
+        h.update(len(line).to_bytes(8, "little"))
+        h.update(line)
+        count += 1
+    h.update(count.to_bytes(8, "little"))
+    return h.hexdigest()[:HASH_HEX_CHARS]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt")
+
+
+def fingerprint_directory(path: str | os.PathLike, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> str:
+    """Hash every weight/config file under ``path`` by relative name and bytes (not mtime)."""
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+        root = root.parent
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+    if not files:
+        raise FileNotFoundError(f"no model files under {path}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:HASH_HEX_CHARS]
+
+
+def fingerprint_tensors(named: Iterable[tuple[str, object]]) -> str:
+    """Hash named tensors/arrays by name, dtype, shape and bytes (e.g. a LoRA adapter in memory)."""
+    h = hashlib.sha256()
+    for name, value in sorted(named, key=lambda kv: kv[0]):
+        arr = value.detach().cpu().contiguous() if hasattr(value, "detach") else value
+        if hasattr(arr, "view") and hasattr(arr, "dtype") and "bfloat16" in str(arr.dtype):
+            arr = arr.float()
+        arr = np.ascontiguousarray(arr.numpy() if hasattr(arr, "numpy") else np.asarray(arr))
+        h.update(name.encode())
+        h.update(str(arr.dtype).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:HASH_HEX_CHARS]
+
+
+def checksum_array(arr: np.ndarray) -> str:
+    """Checksum of an array's little-endian bytes (what verify recomputes)."""
+    a = np.ascontiguousarray(arr)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()

@@ -1,0 +1,279 @@
+"""One signal: a float array (N,) or (N, d) on a zarr v3 array, written and committed per shard.
+
+Data layout: a zarr array of shape (num_shards, 2, shard_rows[, d]) chunked (1, 1, shard_rows[, d]),
+so one chunk is one shard in one of two *slots*. A writer fills the slot that is not committed,
+then atomically replaces the shard's commit record to point at it. A crash at any moment leaves
+the committed slot untouched; the half-written slot is debris that `gc` removes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .errors import StoreError
+from .hashing import checksum_array
+from .layout import COMMITS_DIR, DATA_ARRAY, LOCKS_DIR, shard_file
+from .locks import FileLock
+from .manifest import CommitRecord, SignalMeta, StoreMeta
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """A shard as the staleness rule sees it."""
+
+    shard: int
+    rows: int
+    committed: bool
+    version: int | None
+    model: str | None
+    stale: bool
+
+
+class Signal:
+    """Read and write access to one committed-per-shard signal."""
+
+    def __init__(self, root: Path, store_meta: StoreMeta, meta: SignalMeta):
+        self.dir = root
+        self.store_meta = store_meta
+        self.meta = meta
+        self._array: zarr.Array | None = None
+
+    # -- identity -------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return self.meta.key
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta.dtype)
+
+    @property
+    def dim(self) -> int | None:
+        return self.meta.dim
+
+    @property
+    def num_rows(self) -> int:
+        return self.store_meta.num_rows
+
+    @property
+    def num_shards(self) -> int:
+        return self.store_meta.num_shards
+
+    @property
+    def shard_rows(self) -> int:
+        return self.store_meta.shard_rows
+
+    def __repr__(self) -> str:
+        return f"Signal({self.name!r}, key={self.key}, dtype={self.meta.dtype}, dim={self.dim})"
+
+    # -- array ----------------------------------------------------------------
+    @staticmethod
+    def create_array(path: Path, store_meta: StoreMeta, dtype: str, dim: int | None) -> None:
+        tail = () if dim is None else (dim,)
+        zarr.create_array(
+            store=str(path),
+            shape=(store_meta.num_shards, 2, store_meta.shard_rows, *tail),
+            chunks=(1, 1, store_meta.shard_rows, *tail),
+            dtype=dtype,
+            # per-sample signals (embeddings, projected gradients) do not compress; skipping the
+            # codec keeps reads at memory-copy speed
+            compressors=None,
+            fill_value=0,
+            overwrite=True,
+        )
+
+    @property
+    def array(self) -> zarr.Array:
+        if self._array is None:
+            self._array = zarr.open_array(str(self.dir / DATA_ARRAY), mode="r+")
+        return self._array
+
+    def chunk_path(self, shard: int, slot: int) -> Path:
+        tail = (0,) * (0 if self.dim is None else 1)
+        return self.dir / DATA_ARRAY / self.array.metadata.encode_chunk_key((shard, slot, 0, *tail))
+
+    # -- commit records -------------------------------------------------------
+    def _record_path(self, shard: int) -> Path:
+        return self.dir / COMMITS_DIR / f"{shard_file(shard)}.json"
+
+    def lock_path(self, shard: int) -> Path:
+        return self.dir / LOCKS_DIR / f"{shard_file(shard)}.lock"
+
+    def record(self, shard: int) -> CommitRecord | None:
+        """The commit record of a shard, or None while it is not committed."""
+        self._check_shard(shard)
+        try:
+            return CommitRecord.load(self._record_path(shard))
+        except FileNotFoundError:
+            return None
+
+    def records(self) -> dict[int, CommitRecord]:
+        out = {}
+        commits = self.dir / COMMITS_DIR
+        if commits.is_dir():
+            for p in commits.glob("*.json"):
+                if p.stem.isdigit() and int(p.stem) < self.num_shards:
+                    out[int(p.stem)] = CommitRecord.load(p)
+        return out
+
+    def committed_shards(self) -> list[int]:
+        return sorted(self.records())
+
+    def is_complete(self) -> bool:
+        return len(self.records()) == self.num_shards
+
+    def _check_shard(self, shard: int) -> None:
+        if not isinstance(shard, (int, np.integer)) or not 0 <= shard < self.num_shards:
+            raise StoreError(
+                f"shard {shard} is out of range for signal {self.name!r} ({self.num_shards} shards)",
+                f"use a shard id in 0..{self.num_shards - 1}",
+            )
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_rows
+        return start, start + self.store_meta.rows_in_shard(shard)
+
+    # -- writing --------------------------------------------------------------
+    def _coerce(self, shard: int, values) -> np.ndarray:
+        if hasattr(values, "detach"):
+            values = values.detach().cpu().float().numpy()
+        arr = np.asarray(values)
+        rows = self.store_meta.rows_in_shard(shard)
+        want = (rows, *self.meta.row_shape)
+        if arr.dtype.kind != "f":
+            raise StoreError(
+                f"signal {self.name!r} takes floating-point values, got dtype {arr.dtype}",
+                f"convert the values to {self.meta.dtype}",
+            )
+        if arr.shape != want:
+            raise StoreError(
+                f"shard {shard} of signal {self.name!r} needs shape {want}, got {arr.shape}",
+                "the dimension or row count is wrong: pass exactly the rows of that shard",
+            )
+        out = arr.astype(self.dtype, copy=False)
+        if not np.isfinite(out).all():
+            bad = int(np.flatnonzero(~np.isfinite(out).reshape(rows, -1).all(axis=1))[0])
+            raise StoreError(
+                f"shard {shard} of signal {self.name!r} has a non-finite value at row {shard * self.shard_rows + bad}"
+                f" (or overflows {self.meta.dtype})",
+                "fix the producer; non-finite values are never stored",
+            )
+        return np.ascontiguousarray(out)
+
+    def write_shard(
+        self, shard: int, values, *, version: int = 0, model: str = "", lock_timeout_s: float = 0.0,
+        seconds: float = 0.0,
+    ) -> CommitRecord:
+        """Write a whole shard and commit it (data first, then the commit record, atomically)."""
+        self._check_shard(shard)
+        arr = self._coerce(shard, values)
+        with FileLock(self.lock_path(shard), timeout_s=lock_timeout_s, what=f"shard {shard} of {self.name!r}"):
+            old = self.record(shard)
+            slot = 0 if old is None else 1 - old.slot
+            full = np.zeros((self.shard_rows, *self.meta.row_shape), dtype=self.dtype)
+            full[: arr.shape[0]] = arr
+            self.array[shard, slot] = full
+            record = CommitRecord(
+                shard=int(shard), slot=slot, rows=int(arr.shape[0]), version=int(version), model=str(model),
+                checksum=checksum_array(arr), committed_at=time.time(),
+                generation=0 if old is None else old.generation + 1, seconds=float(seconds),
+            )
+            record.save(self._record_path(shard))
+        return record
+
+    # -- reading --------------------------------------------------------------
+    def _read_committed(self, record: CommitRecord) -> np.ndarray:
+        # A writer (or gc) may replace the shard while we read it: re-check the commit record
+        # afterwards and read again if it moved, so a reader never returns a torn or dropped slot.
+        for _ in range(100):
+            values = np.asarray(self.array[record.shard, record.slot])[: record.rows]
+            now = self.record(record.shard)
+            if now is None or now.generation == record.generation:
+                return values
+            record = now
+        raise StoreError(f"shard {record.shard} of signal {self.name!r} keeps changing while read",
+                         "pause the writers of this signal and retry")
+
+    def read_shard(self, shard: int) -> np.ndarray:
+        """The committed values of one shard; an error if it is not committed."""
+        record = self.record(shard)
+        if record is None:
+            raise StoreError(
+                f"shard {shard} of signal {self.name!r} is not committed",
+                "run the stage that produces this signal (it computes only missing shards)",
+            )
+        return self._read_committed(record)
+
+    def iter_shards(self, shards: Sequence[int] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Stream (shard, first_row, values) over committed shards; memory bounded by one shard."""
+        records = self.records()
+        for shard in (sorted(records) if shards is None else shards):
+            record = records.get(shard)
+            if record is None:
+                raise StoreError(f"shard {shard} of signal {self.name!r} is not committed", "run its stage first")
+            yield shard, shard * self.shard_rows, self._read_committed(record)
+
+    def read_all(self) -> np.ndarray:
+        """The whole signal as one array; every shard must be committed."""
+        missing = sorted(set(range(self.num_shards)) - set(self.records()))
+        if missing:
+            raise StoreError(
+                f"signal {self.name!r} lacks {len(missing)} of {self.num_shards} shards (first: {missing[0]})",
+                "run the stage that produces it; committed shards are kept",
+            )
+        out = np.empty((self.num_rows, *self.meta.row_shape), dtype=self.dtype)
+        for _, start, values in self.iter_shards():
+            out[start : start + len(values)] = values
+        return out
+
+    def read_rows(self, rows) -> np.ndarray:
+        """Values of the given row ids (any order, repeats allowed), reading each shard once."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            bad = int(rows[(rows < 0) | (rows >= self.num_rows)][0])
+            raise StoreError(
+                f"row {bad} is out of range for signal {self.name!r} ({self.num_rows} rows)",
+                f"use row ids in 0..{self.num_rows - 1}",
+            )
+        out = np.empty((rows.size, *self.meta.row_shape), dtype=self.dtype)
+        shard_of = rows // self.shard_rows
+        for shard in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == shard)
+            out[sel] = self.read_shard(int(shard))[rows[sel] - shard * self.shard_rows]
+        return out
+
+    # -- staleness ------------------------------------------------------------
+    def shard_states(self, current_version: int | None = None, max_staleness: int | None = None) -> list[ShardState]:
+        """Every shard with its version; stale = missing, or older than ``max_staleness`` steps."""
+        records = self.records()
+        out = []
+        for shard in range(self.num_shards):
+            r = records.get(shard)
+            stale = r is None or (
+                current_version is not None and max_staleness is not None
+                and current_version - r.version > max_staleness
+            )
+            out.append(ShardState(shard, self.store_meta.rows_in_shard(shard), r is not None,
+                                  None if r is None else r.version, None if r is None else r.model, stale))
+        return out
+
+    def stale_shards(self, current_version: int | None = None, max_staleness: int | None = None) -> list[int]:
+        return [s.shard for s in self.shard_states(current_version, max_staleness) if s.stale]
+
+    def state_hash(self) -> str:
+        """Changes whenever any shard is (re)committed: what indexes are checked against."""
+        from .hashing import stable_hash
+
+        return stable_hash(sorted((s, r.checksum, r.generation) for s, r in self.records().items()))
