@@ -1,0 +1,129 @@
+"""Argument groups of the offline stages (LLaMA-Factory style: one concern per dataclass).
+
+The online config (pipeline.config) composes these with the training groups; stages never parse
+YAML themselves. Each field's meaning is in the docstring under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    model_name_or_path: str = ""
+    """Local directory of a causal LM (config, weights, tokenizer)."""
+    adapter_name_or_path: str | None = None
+    """A saved peft adapter or Trainer checkpoint directory to load on top of the model."""
+    finetuning_type: str = "lora"
+    """`lora` (train LoRA adapters) or `full` (train every weight)."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: int | None = None
+    """LoRA scaling alpha; default 2 * lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target: str | list[str] = "all"
+    """Module names to adapt, comma-separated; `all` means every linear layer but the LM head."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint; off unless set."""
+    attn_implementation: str | None = None
+    """`eager`, `sdpa`, ...; None lets transformers choose."""
+    torch_dtype: str = "float32"
+    """float32, bfloat16 or float16 for loading weights."""
+
+
+@dataclass(kw_only=True)
+class DataArgs:
+    dataset: list[str] = field(default_factory=list)
+    """Dataset names from dataset_info.json (comma-separated string accepted); each is a domain."""
+    dataset_dir: str = "data"
+    """Folder holding dataset_info.json and the data files."""
+    stage: str = "sft"
+    """`pt` (plain text, every token trained) or `sft` (prompt masked from labels)."""
+    template: str | None = None
+    """`default` (plain documented template) or `chat` (the tokenizer's chat template); None picks chat when the tokenizer has one."""
+    cutoff_len: int = 1024
+    """Truncate tokenized samples to this many tokens."""
+    max_samples: int | None = None
+    """Keep at most this many rows per dataset."""
+    eval_dataset: list[str] = field(default_factory=list)
+    """Target/validation dataset names (their own store, gradients and embeddings)."""
+
+
+@dataclass(kw_only=True)
+class RunnerArgs:
+    scheduler: str | None = None
+    """Address of an existing Dask scheduler; None starts a LocalCluster on this machine."""
+    n_workers: int | None = None
+    """LocalCluster worker processes; default: cores // threads_per_worker (at least 1)."""
+    threads_per_worker: int = 1
+    """Torch threads per worker process."""
+    retries: int = 2
+    """Dask retries per shard task."""
+    max_in_flight: int | None = None
+    """Shard tasks submitted at once (bounds driver memory); default 2 * workers."""
+
+
+@dataclass(kw_only=True)
+class EmbedArgs:
+    backend: str = "auto"
+    """`auto`, `hf`, `vllm` or `sentence-transformers`."""
+    model_name_or_path: str | None = None
+    """Embedding model; default the training model."""
+    pooling: str = "last"
+    """`last` (last real token) or `mean` (over real tokens)."""
+    layer: int = -1
+    """Hidden-state layer to pool (hf backend); -1 is the last."""
+    batch_size: int = 16
+    """Rows per forward pass."""
+    max_length: int | None = None
+    """Truncate inputs for embedding; default cutoff_len."""
+
+
+@dataclass(kw_only=True)
+class LossArgs:
+    model_name_or_path: str | None = None
+    """Model to score with (e.g. a DoReMi reference model); default the training model."""
+    adapter_name_or_path: str | None = None
+    """Adapter/checkpoint to score with; default the model's adapter, if any."""
+    batch_size: int = 16
+    """Rows per forward pass."""
+    signal: str = "loss"
+    """Signal name to store under (`loss` for the training model, `ref_loss` for a reference)."""
+
+
+@dataclass(kw_only=True)
+class GradsArgs:
+    proj_dim: int = 8192
+    """Dimension of the projected gradient features."""
+    proj_type: str = "rademacher"
+    """`rademacher` or `gaussian`."""
+    seed: int = 0
+    """Projection seed: same seed, same features on any machine."""
+    grad_type: str = "adam"
+    """`adam` (LESS's preconditioned update, needs checkpoints with optimizer state) or `sgd`."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Checkpoint directories (one signal each); empty means the model as loaded."""
+    normalize: bool = True
+    """L2-normalise features (LESS scores by cosine)."""
+    batch_size: int = 16
+    """Rows per batched backward."""
+    dtype: str = "float16"
+    """Storage dtype of the features."""
+
+
+@dataclass(kw_only=True)
+class IndexArgs:
+    signal: str = "embed"
+    """Name of the signal to index."""
+    flat_max_rows: int = 100_000
+    """Exact IndexFlatIP up to this many rows, IVF above."""
+
+
+@dataclass(kw_only=True)
+class StoreArgs:
+    store: str = "store"
+    """Store directory (one per dataset fingerprint)."""
+    shard_rows: int = 4096
+    """Rows per shard: the unit of work, writing, staleness and verification."""
