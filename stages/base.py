@@ -42,3 +42,15 @@ class Stage:
     def model_version(self) -> tuple[int, str]:
         """(step, model id) recorded with each committed shard."""
         return 0, ""
+
+
+def bind_live_model(stage: Stage, model, tokenizer) -> Stage:
+    """A copy of `stage` that computes with an already-loaded (e.g. training) model: no setup, no load."""
+    import copy
+
+    live = copy.copy(stage)
+    live._model = model
+    live._tokenizer = tokenizer
+    if hasattr(live, "bind_model"):
+        live.bind_model(model, tokenizer)
+    return live

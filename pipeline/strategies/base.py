@@ -1,0 +1,101 @@
+"""The small interface each strategy family shares.
+
+A strategy is built from a ``Params`` dataclass (its `component_args`, validated: unknown keys are
+errors) and a seed. It declares the store signals it reads (:class:`SignalNeed`); the trainer makes
+those fresh before each decision and hands them over through a :class:`DecisionContext`. Everything a
+strategy needs to continue identically after a restart goes through ``state_dict``.
+Decisions must depend only on the context (signals, step, the context's seeded rng) and the state,
+so every rank computes the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SignalNeed:
+    """A signal a strategy reads: name in the store, which split, and whether to refresh it."""
+
+    name: str
+    """Store signal name: `embed`, `loss`, `ref_loss`, `grads`, `grads_sgd`."""
+    split: str = "train"
+    """`train` (the rows being scheduled) or `target` (the eval/target set)."""
+    refresh: bool = True
+    """Recompute shards older than max_staleness with the current model (False: offline only)."""
+
+
+@dataclass(kw_only=True)
+class NoParams:
+    """A strategy without parameters."""
+
+
+@dataclass
+class Selection:
+    """A selector's decision: rows for the next window, plus what to log."""
+
+    indices: np.ndarray
+    scores: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Strategy:
+    """Base of all strategies: params, seed, needs, state."""
+
+    family: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, params=None, seed: int = 0):
+        self.params = params if params is not None else self.Params()
+        self.seed = int(seed)
+
+    def needs(self) -> list[SignalNeed]:
+        """Signals read at decisions (default: none)."""
+        return []
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume identically (numpy arrays allowed)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class Selector(Strategy):
+    """Chooses which rows the model trains on during the next window."""
+
+    family = "select"
+
+    def select(self, ctx, num_samples: int) -> Selection:
+        """Return `num_samples` row ids (repeats allowed only if the rule asks for them)."""
+        raise NotImplementedError
+
+
+class Mixer(Strategy):
+    """Sets the sampling proportions of the domains for the next window."""
+
+    family = "mix"
+
+    def observe(self, domains: np.ndarray, losses: np.ndarray, rows: np.ndarray, step: int) -> None:
+        """Per-sample token-mean losses of one (global) training batch, with each row's domain."""
+
+    def proportions(self, ctx) -> np.ndarray:
+        """Domain proportions (K,), non-negative, summing to 1."""
+        raise NotImplementedError
+
+
+class Weighter(Strategy):
+    """Turns the per-sample losses of a batch into weights inside `compute_loss`."""
+
+    family = "weight"
+
+    def update(self, ctx) -> None:
+        """Called at decision steps (e.g. to read embeddings); default nothing."""
+
+    def weights(self, losses: np.ndarray, rows: np.ndarray, domains: np.ndarray, step: int) -> np.ndarray:
+        """Weights (B,) for the global batch's per-sample losses; they average 1."""
+        raise NotImplementedError

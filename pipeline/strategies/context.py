@@ -1,0 +1,71 @@
+"""What a strategy sees at a decision: step, domains, a seeded rng, and the signals it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from store.errors import FlexfeedError
+
+
+class SignalSource(Protocol):
+    """Read access to fresh signals (the trainer backs it with the store; tests with arrays)."""
+
+    def get(self, name: str, split: str = "train") -> np.ndarray:
+        """The signal's values for every row of the split: (N,) or (N, d)."""
+
+    def get_all(self, name: str, split: str = "train") -> list[tuple[dict, np.ndarray]]:
+        """Several variants of a signal (e.g. one per checkpoint) with their metadata (`lr`, ...)."""
+
+    def search(self, name: str, queries: np.ndarray, k: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """Inner-product kNN over the split's signal (FAISS): (scores, row ids), each (Q, k)."""
+
+
+@dataclass
+class DecisionContext:
+    """Handed to a strategy at each decision; identical on every rank."""
+
+    step: int
+    num_rows: int
+    domain_ids: np.ndarray
+    domain_names: list[str]
+    rng: np.random.Generator
+    signals: SignalSource
+    target_domain_ids: np.ndarray | None = None
+    log: dict = field(default_factory=dict)
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.domain_names)
+
+
+class InMemorySignals:
+    """A SignalSource over arrays (tests, custom scripts); `search` is exact brute force."""
+
+    def __init__(self, train: dict | None = None, target: dict | None = None, variants: dict | None = None):
+        self._data = {"train": dict(train or {}), "target": dict(target or {})}
+        self._variants = dict(variants or {})  # (name, split) -> [(meta, array)]
+
+    def get(self, name: str, split: str = "train") -> np.ndarray:
+        try:
+            return np.asarray(self._data[split][name])
+        except KeyError:
+            if (name, split) in self._variants:
+                return np.asarray(self._variants[(name, split)][-1][1])
+            raise FlexfeedError(f"signal {name!r} of the {split} split is not available",
+                                "run the stage that produces it") from None
+
+    def get_all(self, name: str, split: str = "train") -> list[tuple[dict, np.ndarray]]:
+        if (name, split) in self._variants:
+            return [(dict(m), np.asarray(a)) for m, a in self._variants[(name, split)]]
+        return [({"lr": 1.0}, self.get(name, split))]
+
+    def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
+        base = np.asarray(self.get(name, split), dtype=np.float32)
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        scores = q @ base.T
+        k = min(k, base.shape[0])
+        ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, ids, axis=1), ids

@@ -1,0 +1,134 @@
+"""One registry per strategy family: names -> classes, params validated, import paths allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+
+from store.errors import FlexfeedError
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(sorted(choices))}"
+
+
+def _check_type(value, annotation, where: str):
+    """Light type check of a YAML value against a dataclass field annotation."""
+    hints = annotation
+    if isinstance(hints, str):
+        return value  # postponed annotations are checked by the class's own validation
+    origin = typing.get_origin(hints)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(hints):
+            if arg is type(None) and value is None:
+                return value
+            try:
+                return _check_type(value, arg, where)
+            except FlexfeedError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else FlexfeedError(f"{where}: bad value {value!r}")
+    if hints is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hints in (int, float, str, bool) and not (isinstance(value, hints) and not (hints is int and isinstance(value, bool))):
+        raise FlexfeedError(f"{where} must be {hints.__name__}, got {value!r}", f"write a {hints.__name__} value")
+    if origin in (list, tuple) and not isinstance(value, (list, tuple)):
+        raise FlexfeedError(f"{where} must be a list, got {value!r}", "write a YAML list, e.g. [a, b]")
+    if origin is dict and not isinstance(value, dict):
+        raise FlexfeedError(f"{where} must be a mapping, got {value!r}", "write a YAML mapping")
+    return value
+
+
+def build_params(cls, params: dict | None, where: str):
+    """Instantiate a Params dataclass from a dict, refusing unknown keys with a hint."""
+    params = dict(params or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in params:
+        if key not in fields:
+            raise FlexfeedError(f"unknown parameter {key!r} for {where}", _did_you_mean(key, fields))
+    kwargs = {k: _check_type(v, hints.get(k, object), f"{where}.{k}") for k, v in params.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise FlexfeedError(f"bad parameters for {where}: {exc}", "see the README's component reference") from None
+
+
+class Registry:
+    """Name -> strategy class for one family."""
+
+    def __init__(self, family: str, base: type):
+        self.family = family
+        self.base = base
+        self._classes: dict[str, type] = {}
+        self._aliases: dict[str, str] = {}
+
+    def register(self, name: str, *aliases: str):
+        """Class decorator: make a strategy available under `name` (and aliases, e.g. DataFlex names)."""
+
+        def deco(cls):
+            if not issubclass(cls, self.base):
+                raise TypeError(f"{cls.__name__} must subclass {self.base.__name__}")
+            cls.name = name
+            self._classes[name] = cls
+            for alias in aliases:
+                self._aliases[alias] = name
+            return cls
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def resolve(self, name: str) -> type:
+        """A registered name/alias, or `package.module:Class` (loaded only because the config names it)."""
+        _load_builtins()
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+            try:
+                cls = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise FlexfeedError(f"cannot load {self.family} component {name!r}: {exc}",
+                                    "check the import path `package.module:Class` and that it is installed") from None
+            if not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise FlexfeedError(f"{name!r} is not a {self.base.__name__} subclass",
+                                    f"subclass pipeline.strategies.{self.base.__name__}")
+            return cls
+        key = self._aliases.get(name, name)
+        if key not in self._classes:
+            known = list(self._classes) + list(self._aliases)
+            raise FlexfeedError(f"unknown {self.family} component {name!r}", _did_you_mean(name, known))
+        return self._classes[key]
+
+    def build(self, name: str, params: dict | None = None, seed: int = 0):
+        """Build a strategy from its name and `component_args`."""
+        cls = self.resolve(name)
+        return cls(build_params(cls.Params, params, f"{self.family} component {name!r}"), seed=seed)
+
+
+from .base import Mixer, Selector, Weighter  # noqa: E402
+
+SELECTORS = Registry("select", Selector)
+MIXERS = Registry("mix", Mixer)
+WEIGHTERS = Registry("weight", Weighter)
+
+
+def registry_for(train_type: str) -> Registry:
+    return {"select": SELECTORS, "mix": MIXERS, "weight": WEIGHTERS}[train_type]
+
+
+_BUILTINS = ("selectors", "mixers", "weighters")
+
+
+def _load_builtins() -> None:
+    """Import the built-in strategy modules (they register themselves)."""
+    for mod in _BUILTINS:
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{mod}":
+                raise

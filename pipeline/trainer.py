@@ -1,0 +1,128 @@
+"""FlexfeedTrainer: Hugging Face Trainer with a plan sampler, per-sample weights and saved strategy state.
+
+Nothing of Trainer's loop is copied: the sampler (`_get_train_sampler`), `compute_loss` and a callback
+are the only hooks used, so DeepSpeed, gradient accumulation, logging and checkpointing stay Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from stages.loss import per_sample_loss
+from store.errors import FlexfeedError
+
+from .sampler import PlanSampler
+from .scheduler import Scheduler
+from .state_io import save_state
+
+
+@dataclass
+class FlexRun:
+    """What the trainer needs to know of the run's strategy."""
+
+    kind: str
+    scheduler: Scheduler | None = None
+    mixer: object = None
+    weighter: object = None
+    weight_log: list = field(default_factory=list)
+    mix_log: list = field(default_factory=list)
+
+
+class FlexfeedTrainer(Trainer):
+    """Trainer whose data order comes from a Scheduler and whose loss can be weighted per sample."""
+
+    def __init__(self, *args, flex: FlexRun | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flex = flex or FlexRun("static")
+        if self.flex.kind == "weight":
+            # our weighted loss is a per-batch mean: let Trainer divide it by the accumulation steps
+            self.loss_is_scaled_for_ga = False
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.flex.scheduler is None:
+            return super()._get_train_sampler(train_dataset)
+        return PlanSampler(self.flex.scheduler)
+
+    def _gather(self, per_sample: torch.Tensor, rows: torch.Tensor, domains: torch.Tensor):
+        """Global batch (all ranks, rank order): identical numpy arrays on every rank."""
+        stacked = torch.stack([per_sample.detach().float(), rows.to(per_sample.device).float(),
+                               domains.to(per_sample.device).float()], dim=1)
+        g = self.accelerator.gather(stacked).cpu().numpy()
+        return g[:, 0].astype(np.float64), g[:, 1].astype(np.int64), g[:, 2].astype(np.int64)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = inputs.pop("row_id", None)
+        domains = inputs.pop("domain", None)
+        kind = self.flex.kind
+        if kind in ("static", "select") or rows is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if kind == "mix":
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            per, _ = per_sample_loss(outputs.logits.detach(), inputs["labels"])
+            g_loss, g_rows, g_dom = self._gather(per, rows, domains)
+            self.flex.mixer.observe(g_dom, g_loss, g_rows, self.state.global_step)
+            self.flex.mix_log.append({"step": self.state.global_step,
+                                      "domain_loss": _domain_means(g_loss, g_dom)})
+            return (loss, outputs) if return_outputs else loss
+        # weight
+        labels = inputs["labels"]
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        per, _ = per_sample_loss(outputs.logits, labels)
+        g_loss, g_rows, g_dom = self._gather(per, rows, domains)
+        w = np.asarray(self.flex.weighter.weights(g_loss, g_rows, g_dom, self.state.global_step), dtype=np.float64)
+        if w.shape != g_loss.shape or not np.isfinite(w).all():
+            raise FlexfeedError(f"weighter {self.flex.weighter.name!r} returned weights of shape {w.shape}"
+                                f" for a batch of {g_loss.shape[0]}", "return one finite weight per sample")
+        b = per.shape[0]
+        rank = self.accelerator.process_index
+        local = torch.as_tensor(w[rank * b : (rank + 1) * b], dtype=per.dtype, device=per.device)
+        loss = (local * per).mean()
+        self.flex.weight_log.append({"step": self.state.global_step, "weights": w.round(5).tolist(),
+                                     "losses": g_loss.round(5).tolist()})
+        return (loss, outputs) if return_outputs else loss
+
+
+def _domain_means(losses: np.ndarray, domains: np.ndarray) -> dict:
+    return {int(d): float(losses[domains == d].mean()) for d in np.unique(domains)}
+
+
+class FlexfeedCallback(TrainerCallback):
+    """Saves the scheduler/strategy state into every checkpoint and logs decisions."""
+
+    def __init__(self, flex: FlexRun, output_dir: str, is_main: bool):
+        self.flex = flex
+        self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self._logged = 0
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.flex.scheduler is not None and state.is_world_process_zero:
+            ckpt = self.output_dir / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                save_state(ckpt, self.flex.scheduler.state_dict())
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.flex.scheduler is None or logs is None:
+            return control
+        decisions = self.flex.scheduler.decisions
+        for record in decisions[self._logged :]:
+            if record.get("decision"):
+                for name, count in record.get("per_domain", {}).items():
+                    logs[f"flexfeed/{name}_count"] = count
+                for name, p in record.get("proportions", {}).items():
+                    logs[f"flexfeed/{name}_proportion"] = p
+        self._logged = len(decisions)
+        return control
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r, sort_keys=True) + "\n")

@@ -1,0 +1,95 @@
+"""Per-sample mean token loss and token count, batched, for the training or a reference model.
+
+The signal has two columns: (mean token loss, number of trained tokens). Reference losses for
+DoReMi come from here (the reference model runs offline), so no second model sits in memory while
+training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from store.errors import FlexfeedError
+
+from .args import LossArgs, ModelArgs
+from .base import SignalDesc, Stage
+from .batching import IGNORE_INDEX, length_sorted_batches, pad_batch
+
+
+def per_sample_loss(logits, labels):
+    """Token-mean cross-entropy per row and the token counts (labels already aligned to inputs)."""
+    import torch
+
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(shift_labels.shape)
+    mask = (shift_labels != IGNORE_INDEX).to(tok.dtype)
+    count = mask.sum(1)
+    return (tok * mask).sum(1) / count.clamp(min=1), count
+
+
+class LossStage(Stage):
+    """Signal `loss` (training model) or `ref_loss` (reference model): columns (loss, tokens)."""
+
+    code_version = "loss-1"
+
+    def __init__(self, model_args: ModelArgs, args: LossArgs):
+        if args.batch_size < 1:
+            raise FlexfeedError(f"loss.batch_size must be >= 1, got {args.batch_size}", "e.g. 16")
+        self.args = args
+        margs = model_args
+        if args.model_name_or_path:
+            margs = replace(margs, model_name_or_path=args.model_name_or_path, adapter_name_or_path=None)
+        if args.adapter_name_or_path:
+            margs = replace(margs, adapter_name_or_path=args.adapter_name_or_path)
+        self.model_args = margs
+        self._identity = None
+        self._model = None
+
+    def identity(self) -> dict:
+        if self._identity is None:
+            from .models import model_identity
+
+            self._identity = model_identity(self.model_args)
+        return self._identity
+
+    def signal(self) -> SignalDesc:
+        spec = {"kind": "loss", "model": self.identity(), "code": self.code_version}
+        return SignalDesc(self.args.signal, spec, "float32", 2)
+
+    def model_version(self) -> tuple[int, str]:
+        ident = self.identity()
+        return 0, str(ident.get("adapter") or ident.get("weights") or "")
+
+    def setup(self) -> None:
+        from .models import load_model, load_tokenizer
+
+        self._tokenizer = load_tokenizer(self.model_args)
+        self._model = load_model(self.model_args, trainable=False)
+        self._model.eval()
+
+    def compute(self, rows: dict[str, list]) -> np.ndarray:
+        if self._model is None:
+            self.setup()
+        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        return losses_of(self._model, rows["input_ids"], rows["labels"], self.args.batch_size, pad_id)
+
+
+def losses_of(model, input_ids: list[list[int]], labels: list[list[int]], batch_size: int, pad_id: int) -> np.ndarray:
+    """(N, 2) array of (mean token loss, token count) with batched forwards, no gradients."""
+    import torch
+
+    out = np.zeros((len(input_ids), 2), dtype=np.float32)
+    with torch.no_grad():
+        for idx in length_sorted_batches([len(r) for r in input_ids], batch_size):
+            batch = pad_batch([input_ids[i] for i in idx], [labels[i] for i in idx], pad_id=pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, count = per_sample_loss(logits, batch["labels"])
+            out[idx, 0] = loss.cpu().numpy()
+            out[idx, 1] = count.cpu().numpy()
+    return out

@@ -1,0 +1,186 @@
+"""Fan a stage's missing or stale shards out as Dask tasks; each task commits its own shard.
+
+Resume is the store's: committed shards are skipped, so a rerun after a crash computes only what is
+left and a rerun after success starts no cluster at all. Retries are Dask's. Each worker process
+sets a stage up once (loads its model) and reuses it for every shard it gets.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from store.errors import FlexfeedError
+from store.hashing import stable_hash
+from store.store import Store
+
+from .args import RunnerArgs
+from .base import Stage
+
+INLINE = "inline"  # scheduler value: run in this process, no Dask (refresh during training, tiny jobs)
+
+# Per-process cache of set-up stages: the model is loaded once per worker, not once per shard.
+_READY: dict[str, Stage] = {}
+
+
+def stage_token(stage: Stage) -> str:
+    desc = stage.signal()
+    return stable_hash({"cls": type(stage).__qualname__, "name": desc.name, "spec": desc.spec})
+
+
+def _ready_stage(stage: Stage, threads: int) -> Stage:
+    token = stage_token(stage)
+    ready = _READY.get(token)
+    if ready is None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        stage.setup()
+        _READY[token] = ready = stage
+    return ready
+
+
+def compute_and_commit(stage: Stage, store_root: str, key: str, shard: int, rows: dict, version: int,
+                       model: str, threads: int = 1) -> tuple[int, int, float]:
+    """One task: compute a shard's values and commit them. Returns (shard, rows, seconds)."""
+    t0 = time.perf_counter()
+    ready = _ready_stage(stage, threads)
+    values = ready.compute(rows)
+    seconds = time.perf_counter() - t0
+    sig = Store.open(store_root).get(key)
+    sig.write_shard(shard, values, version=version, model=model, lock_timeout_s=600, seconds=seconds)
+    return shard, len(values), seconds
+
+
+@dataclass
+class RunResult:
+    """What a stage run did: the signal, shards computed and skipped, rows, seconds."""
+
+    signal: str
+    key: str
+    computed: list[int] = field(default_factory=list)
+    skipped: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if not self.computed:
+            return f"{self.signal}: all {self.skipped} shards reused from the store, nothing recomputed"
+        return (f"{self.signal}: computed {len(self.computed)} shards ({self.rows} rows) in {self.seconds:.1f} s, "
+                f"reused {self.skipped}")
+
+
+def default_workers(args: RunnerArgs) -> int:
+    if args.n_workers is not None:
+        if args.n_workers < 1:
+            raise FlexfeedError(f"runner.n_workers must be >= 1, got {args.n_workers}", "e.g. runner: {n_workers: 2}")
+        return args.n_workers
+    return max(1, (os.cpu_count() or 1) // max(1, args.threads_per_worker))
+
+
+def plan_shards(stage: Stage, store: Store, *, version: int | None = None, max_staleness: int | None = None,
+                shards: list[int] | None = None):
+    """The signal and the shards a run must compute (missing, or stale under the policy)."""
+    desc = stage.signal()
+    sig = store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
+    todo = sig.stale_shards(version, max_staleness)
+    if shards is not None:
+        wanted = set(shards)
+        todo = [s for s in todo if s in wanted]
+    return sig, todo
+
+
+def run_stage(stage: Stage, data, store: Store, runner: RunnerArgs | None = None, *, version: int | None = None,
+              max_staleness: int | None = None, shards: list[int] | None = None, progress: bool = True,
+              ) -> RunResult:
+    """Compute and commit every missing (or stale) shard of the stage's signal for `data`."""
+    runner = runner or RunnerArgs()
+    store.check_dataset(data.fingerprint)
+    sig, todo = plan_shards(stage, store, version=version, max_staleness=max_staleness, shards=shards)
+    total = sig.num_shards if shards is None else len(shards)
+    result = RunResult(signal=sig.name, key=sig.key, skipped=total - len(todo))
+    if not todo:
+        store.log_stage(stage=sig.name, key=sig.key, computed=0, skipped=result.skipped, rows=0, seconds=0.0)
+        return result
+    step, model = stage.model_version()
+    step = step if version is None else version
+    t0 = time.perf_counter()
+    bar = _progress(len(todo), sig.name, progress)
+    try:
+        if runner.scheduler == INLINE:
+            for shard in todo:
+                start, stop = sig.shard_range(shard)
+                _, n, _ = compute_and_commit(stage, str(store.root), sig.key, shard, data.rows(start, stop), step,
+                                             model, runner.threads_per_worker)
+                result.computed.append(shard)
+                result.rows += n
+                bar.update(1)
+                bar.set_postfix(rows=result.rows)
+        else:
+            _run_dask(stage, data, store, sig, todo, step, model, runner, result, bar)
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - t0
+    result.computed.sort()
+    store.log_stage(stage=sig.name, key=sig.key, computed=len(result.computed), skipped=result.skipped,
+                    rows=result.rows, seconds=round(result.seconds, 3))
+    return result
+
+
+def _progress(total: int, name: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="shard", desc=f"stage {name}", disable=not enabled, leave=False)
+
+
+def open_client(runner: RunnerArgs):
+    """A Dask client: the given scheduler, or a LocalCluster on loopback sized to the cores."""
+    from distributed import Client, LocalCluster
+
+    if runner.scheduler:
+        try:
+            return Client(runner.scheduler, timeout="20s"), None
+        except OSError as exc:
+            raise FlexfeedError(f"cannot reach the Dask scheduler at {runner.scheduler}: {exc}",
+                                "start it with `dask scheduler`, or drop runner.scheduler to use this machine") from None
+    threads = max(1, runner.threads_per_worker)
+    # Workers inherit the environment: pin BLAS/torch threads so workers x threads fits the cores.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    cluster = LocalCluster(n_workers=default_workers(runner), threads_per_worker=1, processes=True,
+                           host="127.0.0.1", dashboard_address=None, worker_dashboard_address=None,
+                           silence_logs=50)
+    return Client(cluster), cluster
+
+
+def _run_dask(stage, data, store, sig, todo, step, model, runner, result, bar) -> None:
+    from distributed import as_completed
+
+    client, cluster = open_client(runner)
+    try:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})) or default_workers(runner))
+        in_flight = runner.max_in_flight or 2 * n_workers
+        pending = list(todo)
+
+        def submit(shard):
+            start, stop = sig.shard_range(shard)
+            return client.submit(compute_and_commit, stage, str(store.root), sig.key, shard, data.rows(start, stop),
+                                 step, model, runner.threads_per_worker, retries=runner.retries, pure=False,
+                                 key=f"{sig.name}-{sig.key}-{shard}-{time.time_ns()}")
+
+        # bounded submission keeps the driver's memory flat whatever the dataset size
+        queue = as_completed([submit(pending.pop(0)) for _ in range(min(in_flight, len(pending)))])
+        for fut in queue:
+            shard, n, _ = fut.result()
+            result.computed.append(shard)
+            result.rows += n
+            bar.update(1)
+            bar.set_postfix(rows=result.rows)
+            fut.release()
+            if pending:
+                queue.add(submit(pending.pop(0)))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
