@@ -1,0 +1,137 @@
+"""`dataset_info.json`: which file each dataset name points to, its format, columns and tags.
+
+The keys follow LLaMA-Factory so an existing `dataset_info.json` works unchanged for local files.
+Entries are checked only when a run asks for them: a shared file may hold hub datasets that
+flexfeed never loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from store.errors import FlexfeedError
+
+INFO_FILE = "dataset_info.json"
+
+# LLaMA-Factory's column names per format, and their defaults
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None}
+SHAREGPT_TAGS = {
+    "role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+    "system_tag": "system",
+}
+# Accepted so LLaMA-Factory files load, but only meaningful for features flexfeed does not have
+UNSUPPORTED_COLUMNS = ("chosen", "rejected", "kto_tag", "images", "videos", "audios")
+UNSUPPORTED_TAGS = ("observation_tag", "function_tag")
+KNOWN_KEYS = (
+    "file_name", "formatting", "columns", "tags", "split", "num_samples", "ranking", "subset", "folder",
+    "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name",
+)
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset entry of dataset_info.json, with defaults filled in."""
+
+    name: str
+    path: Path
+    formatting: str = "alpaca"
+    columns: dict[str, str | None] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    split: str = "train"
+    num_samples: int | None = None
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+    return f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def read_info(dataset_dir: str | Path) -> dict:
+    """The parsed dataset_info.json of ``dataset_dir`` (FlexfeedError if missing or not JSON)."""
+    path = Path(dataset_dir) / INFO_FILE
+    if not path.is_file():
+        raise FlexfeedError(
+            f"no {INFO_FILE} in dataset_dir {str(dataset_dir)!r}",
+            "set dataset_dir to the folder that holds dataset_info.json, or create it (see docs/data.md)",
+        )
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FlexfeedError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                            "fix the JSON syntax of dataset_info.json") from None
+    if not isinstance(info, dict):
+        raise FlexfeedError(f"{path}: top level must be an object mapping dataset names to entries",
+                            'write {"my_data": {"file_name": "my_data.json"}}')
+    return info
+
+
+def _check_mapping(path: Path, name: str, key: str, value, allowed: dict, unsupported: tuple) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FlexfeedError(f"{path}: dataset {name!r}: {key!r} must be an object, got {type(value).__name__}",
+                            f'write "{key}": {{...}} with keys {", ".join(allowed)}')
+    for k, v in value.items():
+        if k in unsupported:
+            if v:
+                raise FlexfeedError(f"{path}: dataset {name!r}: {key}.{k} is not supported by flexfeed",
+                                    f"remove {key}.{k}; flexfeed trains on text (pt/sft) only")
+            continue
+        if k not in allowed:
+            raise FlexfeedError(f"{path}: dataset {name!r}: unknown {key} key {k!r}",
+                                _did_you_mean(k, allowed) or f"allowed keys: {', '.join(allowed)}")
+        if v is not None and not isinstance(v, str):
+            raise FlexfeedError(f"{path}: dataset {name!r}: {key}.{k} must be a string, got {v!r}",
+                                f'write "{k}": "<name>"')
+    return {k: v for k, v in value.items() if k in allowed}
+
+
+def parse_entry(dataset_dir: str | Path, info: dict, name: str) -> DatasetSpec:
+    """Validate one entry and fill in LLaMA-Factory's defaults."""
+    info_path = Path(dataset_dir) / INFO_FILE
+    if name not in info:
+        hint = _did_you_mean(name, info) or f"known datasets: {', '.join(sorted(info)) or '(none)'}"
+        raise FlexfeedError(f"dataset {name!r} is not in {info_path}", hint)
+    entry = info[name]
+    if not isinstance(entry, dict):
+        raise FlexfeedError(f"{info_path}: dataset {name!r} must be an object", '{"file_name": "data.json"}')
+    for key in entry:
+        if key not in KNOWN_KEYS:
+            raise FlexfeedError(f"{info_path}: dataset {name!r}: unknown key {key!r}",
+                                _did_you_mean(key, KNOWN_KEYS) or f"known keys: {', '.join(KNOWN_KEYS)}")
+    if not entry.get("file_name"):
+        remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in entry]
+        raise FlexfeedError(
+            f"{info_path}: dataset {name!r} has no file_name" + (f" (only {', '.join(remote)})" if remote else ""),
+            "flexfeed reads local files only: download the data and set file_name to its path in dataset_dir",
+        )
+    if entry.get("ranking"):
+        raise FlexfeedError(f"{info_path}: dataset {name!r}: ranking (preference) data is not supported",
+                            "use pt or sft data; remove 'ranking'")
+    if entry.get("subset"):
+        raise FlexfeedError(f"{info_path}: dataset {name!r}: subset applies to hub datasets only",
+                            "point file_name at the local file or folder of the subset and remove 'subset'")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise FlexfeedError(f"{info_path}: dataset {name!r}: unknown formatting {formatting!r}",
+                            "formatting is 'alpaca' (default) or 'sharegpt'")
+    defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+    columns = dict(defaults)
+    columns.update(_check_mapping(info_path, name, "columns", entry.get("columns"), defaults, UNSUPPORTED_COLUMNS))
+    tags = dict(SHAREGPT_TAGS)
+    if formatting == "sharegpt":
+        tags.update(_check_mapping(info_path, name, "tags", entry.get("tags"), SHAREGPT_TAGS, UNSUPPORTED_TAGS))
+    num_samples = entry.get("num_samples")
+    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool)
+                                    or num_samples < 1):
+        raise FlexfeedError(f"{info_path}: dataset {name!r}: num_samples must be a positive integer",
+                            f"got {num_samples!r}")
+    path = Path(dataset_dir) / entry["file_name"]
+    if entry.get("folder"):
+        path = path / entry["folder"]
+    return DatasetSpec(name=name, path=path, formatting=formatting, columns=columns, tags=tags,
+                       split=str(entry.get("split", "train")), num_samples=num_samples)

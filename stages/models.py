@@ -1,0 +1,198 @@
+"""Loading tokenizers and causal LMs from local checkpoints, LoRA adapters, and the model's content identity."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from stages.args import ModelArgs
+from store.errors import FlexfeedError
+from store.hashing import WEIGHT_SUFFIXES, fingerprint_directory, stable_hash
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+FINETUNING_TYPES = ("lora", "full")
+LORA_INIT_SEED = 0
+# (path, stat of every weight file) -> fingerprint: rehashing gigabytes per call would dominate a stage
+_WEIGHTS_CACHE: dict[tuple, str] = {}
+
+
+def _model_dir(path: str) -> Path:
+    if not path:
+        raise FlexfeedError("model_name_or_path is not set", "set it to a local checkpoint directory")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FlexfeedError(f"model directory {path!r} does not exist",
+                            "flexfeed loads local checkpoints only: download the model and give its folder")
+    if not (root / "config.json").is_file():
+        raise FlexfeedError(f"{path!r} has no config.json, so it is not a model checkpoint",
+                            "point model_name_or_path at the folder save_pretrained wrote")
+    return root
+
+
+def adapter_dir(path: str) -> Path:
+    """The folder holding adapter_config.json: a saved adapter or a Trainer checkpoint of a LoRA run."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FlexfeedError(f"adapter directory {path!r} does not exist", "check adapter_name_or_path")
+    if not (root / ADAPTER_CONFIG).is_file():
+        raise FlexfeedError(f"{path!r} has no {ADAPTER_CONFIG}",
+                            "give a folder written by PeftModel.save_pretrained or a LoRA Trainer checkpoint")
+    if not any((root / w).is_file() for w in ADAPTER_WEIGHTS):
+        raise FlexfeedError(f"{path!r} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}",
+                            "the adapter was not saved completely; save it again")
+    return root
+
+
+def _check(args: ModelArgs) -> None:
+    if args.finetuning_type not in FINETUNING_TYPES:
+        raise FlexfeedError(f"unsupported finetuning_type {args.finetuning_type!r}", "use 'lora' or 'full'")
+    if args.torch_dtype not in DTYPES:
+        raise FlexfeedError(f"unsupported torch_dtype {args.torch_dtype!r}", f"use one of {', '.join(DTYPES)}")
+    if args.adapter_name_or_path and args.finetuning_type != "lora":
+        raise FlexfeedError("adapter_name_or_path is set but finetuning_type is not 'lora'",
+                            "set finetuning_type: lora to load the adapter")
+
+
+def load_tokenizer(args: ModelArgs):
+    """The checkpoint's tokenizer (local files only); pad token set to eos when missing."""
+    from transformers import AutoTokenizer
+
+    root = _model_dir(args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=args.trust_remote_code,
+                                                  local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise FlexfeedError(f"cannot load a tokenizer from {str(root)!r}: {exc}",
+                            "save the tokenizer into the model folder (tokenizer.save_pretrained)") from None
+    if tokenizer.pad_token is None:
+        # causal LMs often ship without a pad token; padded positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_target_modules(model, target: str | list[str]) -> list[str]:
+    """Module names to adapt: `all` is every nn.Linear except the output head."""
+    import torch
+
+    linear = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    head = model.get_output_embeddings()
+    head_names = {name for name, module in model.named_modules() if module is head}
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear - head_names})
+    targets = [t.strip() for t in target.split(",")] if isinstance(target, str) else [str(t) for t in target]
+    targets = [t for t in targets if t]
+    if targets == ["all"]:
+        return leaves
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
+    if missing or not targets:
+        raise FlexfeedError(f"lora_target {', '.join(missing) or '(empty)'} matches no module of the model",
+                            f"use 'all' or some of: {', '.join(leaves)}")
+    return targets
+
+
+def load_model(args: ModelArgs, *, trainable: bool = True):
+    """AutoModelForCausalLM from a local folder; with finetuning_type lora a new or loaded LoRA adapter.
+
+    ``trainable=False`` gives an eval-mode model without gradients; a lora run without an adapter then
+    gets the plain base model, since a fresh adapter leaves the outputs unchanged.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _check(args)
+    root = _model_dir(args.model_name_or_path)
+    if args.adapter_name_or_path:
+        adapter_dir(args.adapter_name_or_path)  # fail before spending time on the base weights
+    kwargs = {"trust_remote_code": args.trust_remote_code, "local_files_only": True}
+    if args.torch_dtype != "auto":
+        kwargs["dtype"] = getattr(torch, args.torch_dtype)
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(root, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise FlexfeedError(f"cannot load a causal LM from {str(root)!r}: {exc}",
+                            "check the checkpoint files, attn_implementation and trust_remote_code") from None
+    if args.finetuning_type == "lora" and (trainable or args.adapter_name_or_path):
+        model = _with_lora(model, args, trainable)
+    elif trainable:
+        model.requires_grad_(True)
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def _with_lora(model, args: ModelArgs, trainable: bool):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if args.adapter_name_or_path:
+        path = adapter_dir(args.adapter_name_or_path)
+        try:
+            return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise FlexfeedError(f"cannot load the adapter {str(path)!r} onto {args.model_name_or_path!r}: {exc}",
+                                "the adapter must have been trained on this base model") from None
+    import torch
+
+    config = LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=args.lora_dropout,
+        target_modules=lora_target_modules(model, args.lora_target), task_type="CAUSAL_LM",
+    )
+    # a fresh adapter's random A matrices must be the same in every worker process, since
+    # model_identity (and so every signal key) describes them by their settings alone
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(LORA_INIT_SEED)
+        return get_peft_model(model, config)
+
+
+def lora_parameters(model) -> list[tuple[str, object]]:
+    """Trainable LoRA parameters (name, tensor) in the model's parameter order."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    if not params:
+        raise FlexfeedError("the model has no trainable LoRA parameters",
+                            "load it with finetuning_type: lora and load_model(..., trainable=True)")
+    return params
+
+
+def _weights_fingerprint(root: Path) -> str:
+    stats = []
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        st = f.stat()
+        stats.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+    key = (str(root.resolve()), tuple(stats))
+    if key not in _WEIGHTS_CACHE:
+        _WEIGHTS_CACHE[key] = fingerprint_directory(root)
+    return _WEIGHTS_CACHE[key]
+
+
+def adapter_fingerprint(path: str) -> str:
+    """Hash of an adapter's weights and settings (not the base-model path it records, nor optimizer files)."""
+    root = adapter_dir(path)
+    config = json.loads((root / ADAPTER_CONFIG).read_text())
+    # the base model's path differs between machines; its weights are keyed separately
+    for key in ("base_model_name_or_path", "revision"):
+        config.pop(key, None)
+    weights = {name: fingerprint_directory(root / name) for name in ADAPTER_WEIGHTS if (root / name).is_file()}
+    return stable_hash({"config": config, "weights": weights})
+
+
+def model_identity(args: ModelArgs) -> dict:
+    """What identifies the model in a signal key: path, weight hash, adapter hash, finetuning settings."""
+    _check(args)
+    root = _model_dir(args.model_name_or_path)
+    lora = None
+    if args.finetuning_type == "lora":
+        target = args.lora_target if isinstance(args.lora_target, str) else ",".join(args.lora_target)
+        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank,
+                "dropout": args.lora_dropout, "target": target}
+    return {
+        "model": os.fspath(args.model_name_or_path),
+        "weights": _weights_fingerprint(root),
+        "adapter": adapter_fingerprint(args.adapter_name_or_path) if args.adapter_name_or_path else None,
+        "finetuning_type": args.finetuning_type,
+        "lora": lora,
+        "dtype": args.torch_dtype,
+    }
