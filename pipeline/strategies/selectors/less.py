@@ -1,0 +1,100 @@
+"""`less`: LESS influence scores (Xia et al. 2024) from stored gradient features, top rows selected.
+
+score(x) = reduce over target tasks t of  sum_i lr_i * mean_{z in t} cos(g_i(x), g_i^sgd(z)),
+with g_i the Adam-preconditioned train gradient features at checkpoint i (signal `grads`), g_i^sgd
+the target set's SGD gradient features at the same checkpoint (signal `grads_sgd`, split `target`),
+and lr_i the checkpoint's learning rate (variant metadata `lr`). LESS reduces tasks by max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from store.errors import FlexfeedError
+
+from ..base import Selection, Selector, SignalNeed
+from ..registry import SELECTORS
+from .reading import check_rows, target_tasks, unit_rows
+from .sampling import check_count, ranking, take_ranked
+from .summary import selection_info
+
+# Rows normalised at a time: bounds the float32 copy for large train sets.
+BLOCK_ROWS = 65536
+LESS_NEEDS = [SignalNeed("grads", "train"), SignalNeed("grads_sgd", "target")]
+
+
+@dataclass(kw_only=True)
+class LessParams:
+    """Parameters of the LESS selector."""
+
+    task_reduce: str = "max"
+    """How per-task scores combine: `max` (LESS: a row helps if it helps some task) or `mean`."""
+
+    def __post_init__(self):
+        if self.task_reduce not in ("max", "mean"):
+            raise ValueError(f"task_reduce must be 'max' or 'mean', got {self.task_reduce!r}")
+
+
+def checkpoint_pairs(ctx) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """(lr, train features, target features) per checkpoint, paired in the stores' variant order."""
+    train = ctx.signals.get_all("grads", "train")
+    target = ctx.signals.get_all("grads_sgd", "target")
+    if not train:
+        raise FlexfeedError("signal 'grads' of the train split has no variants", "run the grads stage")
+    if len(target) == 1 and len(train) > 1:
+        target = target * len(train)  # one target gradient set serves every checkpoint
+    if len(target) != len(train):
+        raise FlexfeedError(f"'grads' has {len(train)} checkpoint variants but 'grads_sgd' (target) has {len(target)}",
+                            "compute target gradients at the same checkpoints as the train gradients")
+    pairs = []
+    for (meta, g_train), (_, g_target) in zip(train, target):
+        if "lr" not in meta and len(train) > 1:
+            raise FlexfeedError("a 'grads' variant has no 'lr' in its metadata",
+                                "record each checkpoint's learning rate when computing gradients")
+        g_train = check_rows(np.asarray(g_train), "grads", ctx.num_rows, 2)
+        g_target = np.asarray(g_target)
+        if g_target.ndim != 2 or g_target.shape[1] != g_train.shape[1]:
+            raise FlexfeedError(f"target 'grads_sgd' has shape {g_target.shape}, train 'grads' {g_train.shape}",
+                                "use the same projection (proj_dim and seed) for train and target gradients")
+        pairs.append((float(meta.get("lr", 1.0)), g_train, g_target))
+    return pairs
+
+
+def less_scores(ctx, rows: np.ndarray | None = None, task_reduce: str = "max") -> np.ndarray:
+    """LESS score of every train row (or of `rows` only), see the module doc."""
+    pairs = checkpoint_pairs(ctx)
+    num_targets = pairs[0][2].shape[0]
+    task_of, tasks = target_tasks(ctx, num_targets)
+    per_task = None
+    for lr, g_train, g_target in pairs:
+        if g_target.shape[0] != num_targets:
+            raise FlexfeedError("target gradient variants have different row counts",
+                                "compute every checkpoint's target gradients over the same target set")
+        t = unit_rows(g_target)
+        # The mean cosine over a task's targets is the cosine sum with the task's mean unit vector.
+        centres = np.stack([t[task_of == task].mean(axis=0) for task in tasks], axis=1)
+        g = g_train if rows is None else g_train[rows]
+        contrib = np.concatenate([unit_rows(g[i:i + BLOCK_ROWS]) @ centres for i in range(0, len(g), BLOCK_ROWS)])
+        contrib = lr * contrib.astype(np.float64)
+        per_task = contrib if per_task is None else per_task + contrib
+    return per_task.max(axis=1) if task_reduce == "max" else per_task.mean(axis=1)
+
+
+@SELECTORS.register("less")
+class LessSelector(Selector):
+    """Selects the rows whose gradients best align with the target tasks' gradients."""
+
+    Params = LessParams
+
+    def needs(self) -> list[SignalNeed]:
+        """Train gradient features per checkpoint and the target set's SGD gradient features."""
+        return list(LESS_NEEDS)
+
+    def select(self, ctx, num_samples: int) -> Selection:
+        """The `num_samples` highest-scoring rows (ties by row id; the ranking repeats beyond N)."""
+        k = check_count(num_samples, ctx.num_rows)
+        scores = less_scores(ctx, task_reduce=self.params.task_reduce)
+        indices = take_ranked(ranking(scores), k)
+        return Selection(indices=indices, scores=scores, info=selection_info(ctx, indices, scores))
