@@ -1,0 +1,112 @@
+"""`adapt`: per-sample weights from embedding similarity to an anchor (target) set.
+
+At a decision the weighter reads the `embed` signal of the train rows and of the target split and scores
+every train row once:
+
+    anchor: mean   s(x) = mean_a cos(e_x, e_a)  = e_x/|e_x| . mean_a(e_a/|e_a|)   (DataFlex's rule)
+    anchor: max    s(x) = max_a cos(e_x, e_a)                                      (nearest anchor)
+
+Inside a batch, w_i = sigmoid(s(x_i) / tau), rescaled so the batch's weights average 1. No extra forward
+pass per batch: the scores come from the stored embeddings. Before the first decision all weights are 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from store.errors import FlexfeedError
+
+from ..base import SignalNeed, Weighter
+from ..registry import WEIGHTERS
+
+ANCHORS = ("mean", "max")
+CHUNK_ROWS = 4096  # rows per block when taking the max over anchors, to bound memory at CHUNK_ROWS x M
+
+
+@dataclass(kw_only=True)
+class AdaptParams:
+    """Parameters of the embedding-similarity weighter."""
+
+    tau: float = 1.0
+    """Temperature of the sigmoid: smaller tau separates similar and dissimilar samples more."""
+    anchor: str = "mean"
+    """`mean`: mean cosine to the anchor set; `max`: cosine to the nearest anchor."""
+
+    def __post_init__(self):
+        if not self.tau > 0:
+            raise FlexfeedError(f"adapt tau must be > 0, got {self.tau}", "use tau: 1.0")
+        if self.anchor not in ANCHORS:
+            raise FlexfeedError(f"unknown adapt anchor rule {self.anchor!r}", "choose anchor: mean or anchor: max")
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def anchor_scores(train: np.ndarray, target: np.ndarray, anchor: str) -> np.ndarray:
+    """Cosine score of every train row against the anchor set: mean or max over anchors."""
+    if train.ndim != 2 or target.ndim != 2 or train.shape[1] != target.shape[1] or len(target) == 0:
+        raise FlexfeedError(f"embed signals have shapes {train.shape} (train) and {target.shape} (target)",
+                            "embed the train and target splits with the same model and pooling")
+    anchors = unit_rows(np.asarray(target, dtype=np.float64))
+    if anchor == "mean":
+        return unit_rows(np.asarray(train, dtype=np.float64)) @ anchors.mean(axis=0)
+    out = np.empty(len(train))
+    for start in range(0, len(train), CHUNK_ROWS):
+        block = unit_rows(np.asarray(train[start:start + CHUNK_ROWS], dtype=np.float64))
+        out[start:start + len(block)] = (block @ anchors.T).max(axis=1)
+    return out
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) without overflow."""
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+@WEIGHTERS.register("adapt")
+class AdaptWeighter(Weighter):
+    """Scores rows once from stored embeddings; weights each batch from its rows' scores."""
+
+    Params = AdaptParams
+
+    def __init__(self, params=None, seed: int = 0):
+        super().__init__(params, seed)
+        self.scores: np.ndarray | None = None  # (N,) similarity of each train row to the anchors
+
+    def needs(self) -> list[SignalNeed]:
+        """Embeddings of the train rows and of the anchor (target) set; computed offline."""
+        return [SignalNeed("embed", "train", refresh=False), SignalNeed("embed", "target", refresh=False)]
+
+    def update(self, ctx) -> None:
+        """Score every train row; the signals do not change during the run, so this is done once."""
+        if self.scores is not None and len(self.scores) == ctx.num_rows:
+            return
+        train = np.asarray(ctx.signals.get("embed", "train"))
+        target = np.asarray(ctx.signals.get("embed", "target"))
+        if len(train) != ctx.num_rows:
+            raise FlexfeedError(f"the train embed signal has {len(train)} rows but the run has {ctx.num_rows}",
+                                "recompute embeddings with the embed stage on this run's train data")
+        self.scores = anchor_scores(train, target, self.params.anchor)
+        ctx.log.update({"adapt/score_mean": float(self.scores.mean()), "adapt/score_std": float(self.scores.std())})
+
+    def weights(self, losses, rows, domains, step: int) -> np.ndarray:
+        """sigmoid(score / tau) of each row, divided by the batch mean (all ones before the first update)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self.scores is None or rows.size == 0:
+            return np.ones(rows.size)
+        if rows.min() < 0 or rows.max() >= len(self.scores):
+            raise FlexfeedError(f"row {int(rows.max())} is outside the {len(self.scores)} scored train rows",
+                                "the batch must come from the train split the embeddings were computed on")
+        w = sigmoid(self.scores[rows] / self.params.tau)
+        return w / w.mean()
+
+    def state_dict(self) -> dict:
+        return {"scores": None if self.scores is None else self.scores.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        scores = state.get("scores")
+        self.scores = None if scores is None else np.array(scores, dtype=np.float64)
