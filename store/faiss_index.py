@@ -17,7 +17,8 @@ import numpy as np
 
 from .atomic import atomic_write_bytes, atomic_write_json
 from .errors import StoreError
-from .layout import INDEX_DIR
+from .layout import INDEX_DIR, INDEX_LOCK, LOCKS_DIR
+from .locks import FileLock
 from .signal import Signal
 
 FLAT_MAX_ROWS = 100_000
@@ -39,6 +40,14 @@ def gpu_available() -> bool:
         return False
 
 
+def _read_meta(index_dir: Path) -> dict:
+    try:
+        meta = json.loads((index_dir / INDEX_META).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def index_status(sig: Signal) -> str:
     """'none', 'fresh' or 'stale' (some shard changed since the index was built)."""
     meta = sig.dir / INDEX_DIR / INDEX_META
@@ -52,7 +61,8 @@ def index_status(sig: Signal) -> str:
 
 
 def ivf_nlist(num_rows: int) -> int:
-    return int(min(65536, max(16, round(4 * math.sqrt(num_rows)))))
+    """Number of IVF lists for ``num_rows`` vectors (never more lists than vectors)."""
+    return int(min(num_rows, 65536, max(16, round(4 * math.sqrt(num_rows)))))
 
 
 class SignalIndex:
@@ -80,15 +90,22 @@ class SignalIndex:
 
 def build_index(sig: Signal, flat_max_rows: int = FLAT_MAX_ROWS, use_gpu: bool | None = None) -> SignalIndex:
     """Build from the committed shards, streaming; save beside the signal with its state hash."""
-    faiss = _faiss()
     if sig.dim is None:
         raise StoreError(f"signal {sig.name!r} is one-dimensional", "index an embedding or gradient signal")
+    # one builder at a time; gc leaves the index alone while this is held
+    with FileLock(sig.dir / LOCKS_DIR / INDEX_LOCK, timeout_s=600, what=f"index of {sig.name!r}"):
+        index, kind, n = _build(sig, flat_max_rows)
+    use_gpu = gpu_available() if use_gpu is None else use_gpu
+    return SignalIndex(_to_gpu(index) if use_gpu else index, kind, n, sig.dim)
+
+
+def _build(sig: Signal, flat_max_rows: int):
+    faiss = _faiss()
     state = sig.state_hash()
     records = sig.records()
     n = sum(r.rows for r in records.values())
     if n == 0:
         raise StoreError(f"signal {sig.name!r} has no committed shards", "run its stage first")
-    use_gpu = gpu_available() if use_gpu is None else use_gpu
     if n <= flat_max_rows:
         kind = "flat"
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(sig.dim))
@@ -97,21 +114,20 @@ def build_index(sig: Signal, flat_max_rows: int = FLAT_MAX_ROWS, use_gpu: bool |
         nlist = ivf_nlist(n)
         quantizer = faiss.IndexFlatIP(sig.dim)
         index = faiss.IndexIVFFlat(quantizer, sig.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
+        committed = np.concatenate([np.arange(*sig.shard_range(s)) for s in sorted(records)])
         take = min(n, 64 * nlist)
-        sample_rows = np.sort(rng.choice(sig.num_rows, size=min(sig.num_rows, take), replace=False))
-        committed = np.concatenate([np.arange(*sig.shard_range(s)) for s in records])
-        sample_rows = np.intersect1d(sample_rows, committed)
+        sample_rows = np.sort(np.random.default_rng(0).choice(committed, size=take, replace=False))
         index.train(np.ascontiguousarray(sig.read_rows(sample_rows), dtype=np.float32))
         index.nprobe = max(8, nlist // 16)
-    for _, start, values in sig.iter_shards():
+    for _, start, values in sig.iter_shards(sorted(records)):
         ids = np.arange(start, start + len(values), dtype=np.int64)
         index.add_with_ids(np.ascontiguousarray(values, dtype=np.float32), ids)
     out_dir = sig.dir / INDEX_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / INDEX_FILE, faiss.serialize_index(index).tobytes())
-    atomic_write_json(out_dir / INDEX_META, {"state": state, "kind": kind, "rows": n, "dim": sig.dim})
-    return SignalIndex(_to_gpu(index) if use_gpu else index, kind, n, sig.dim)
+    atomic_write_json(out_dir / INDEX_META, {"state": state, "kind": kind, "rows": n, "dim": sig.dim,
+                                             "flat_max_rows": flat_max_rows})
+    return index, kind, n
 
 
 def _to_gpu(index):
@@ -120,16 +136,20 @@ def _to_gpu(index):
     return faiss.index_cpu_to_gpu(res, 0, index)
 
 
-def load_index(sig: Signal, rebuild: bool = True, use_gpu: bool | None = None) -> SignalIndex:
+def load_index(
+    sig: Signal, rebuild: bool = True, use_gpu: bool | None = None, flat_max_rows: int | None = None,
+) -> SignalIndex:
     """The signal's index, rebuilt first when missing or stale (unless ``rebuild=False``)."""
     faiss = _faiss()
+    d = sig.dir / INDEX_DIR
     status = index_status(sig)
     if status != "fresh":
         if not rebuild:
             raise StoreError(f"the index of signal {sig.name!r} is {status}", "run `flexfeed stage index`")
-        return build_index(sig, use_gpu=use_gpu)
-    d = sig.dir / INDEX_DIR
-    meta = json.loads((d / INDEX_META).read_text())
+        if flat_max_rows is None:  # rebuild with the size rule the last build used
+            flat_max_rows = _read_meta(d).get("flat_max_rows", FLAT_MAX_ROWS)
+        return build_index(sig, flat_max_rows=flat_max_rows, use_gpu=use_gpu)
+    meta = _read_meta(d)
     index = faiss.deserialize_index(np.frombuffer(Path(d / INDEX_FILE).read_bytes(), dtype=np.uint8))
     use_gpu = gpu_available() if use_gpu is None else use_gpu
     return SignalIndex(_to_gpu(index) if use_gpu else index, meta["kind"], meta["rows"], meta["dim"])

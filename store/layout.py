@@ -16,6 +16,7 @@ DATA_ARRAY = "data.zarr"
 COMMITS_DIR = "commits"
 LOCKS_DIR = "locks"
 INDEX_DIR = "index"
+INDEX_LOCK = "index.lock"
 STAGE_LOG = "stage_log.jsonl"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")

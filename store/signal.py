@@ -2,12 +2,15 @@
 
 Data layout: a zarr array of shape (num_shards, 2, shard_rows[, d]) chunked (1, 1, shard_rows[, d]),
 so one chunk is one shard in one of two *slots*. A writer fills the slot that is not committed,
-then atomically replaces the shard's commit record to point at it. A crash at any moment leaves
-the committed slot untouched; the half-written slot is debris that `gc` removes.
+then atomically replaces the shard's commit record to point at it, then deletes the superseded
+slot. A crash at any moment leaves the committed slot untouched; a half-written slot is debris
+that `gc` removes.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .atomic import fsync_dir
 from .errors import StoreError
-from .hashing import checksum_array
+from .hashing import checksum_array, stable_hash
 from .layout import COMMITS_DIR, DATA_ARRAY, LOCKS_DIR, shard_file
 from .locks import FileLock
 from .manifest import CommitRecord, SignalMeta, StoreMeta
@@ -45,6 +49,7 @@ class Signal:
         self.store_meta = store_meta
         self.meta = meta
         self._array: zarr.Array | None = None
+        self._direct = False
 
     # -- identity -------------------------------------------------------------
     @property
@@ -94,11 +99,37 @@ class Signal:
             overwrite=True,
         )
 
+    def _open_array(self) -> zarr.Array:
+        array = zarr.open_array(str(self.dir / DATA_ARRAY), mode="r+")
+        # every committed slot gets a file, even an all-zero one, so a missing chunk file is damage
+        return array.with_config({"write_empty_chunks": True})
+
     @property
     def array(self) -> zarr.Array:
         if self._array is None:
-            self._array = zarr.open_array(str(self.dir / DATA_ARRAY), mode="r+")
+            self._array = self._open_array()
+            self._direct = _plain_chunks(self._array)
         return self._array
+
+    def _read_slot(self, shard: int, slot: int, rows: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The first ``rows`` rows of one slot, into ``out`` (C-contiguous) when given."""
+        if out is None:
+            out = np.empty((rows, *self.meta.row_shape), dtype=self.dtype)
+        array = self.array
+        if not self._direct:
+            out[...] = array[shard, slot, :rows]
+            return out
+        # An uncompressed little-endian chunk is the rows' bytes in C order: one read() into the
+        # caller's buffer is a single copy, as from a memmap, instead of zarr's read-decode-copy.
+        buf = out.reshape(-1).view(np.uint8)
+        with open(self.chunk_path(shard, slot), "rb", buffering=0) as fh:
+            got = 0
+            while got < buf.size:
+                n = fh.readinto(buf[got:])
+                if not n:
+                    raise ValueError(f"chunk file {fh.name} ends after {got} of {buf.size} bytes")
+                got += n
+        return out
 
     def chunk_path(self, shard: int, slot: int) -> Path:
         tail = (0,) * (0 if self.dim is None else 1)
@@ -121,11 +152,17 @@ class Signal:
 
     def records(self) -> dict[int, CommitRecord]:
         out = {}
-        commits = self.dir / COMMITS_DIR
-        if commits.is_dir():
-            for p in commits.glob("*.json"):
-                if p.stem.isdigit() and int(p.stem) < self.num_shards:
-                    out[int(p.stem)] = CommitRecord.load(p)
+        try:
+            entries = list(os.scandir(self.dir / COMMITS_DIR))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            stem, dot, ext = entry.name.partition(".")
+            if ext == "json" and stem.isdigit() and int(stem) < self.num_shards:
+                try:
+                    out[int(stem)] = CommitRecord.load(Path(entry.path))
+                except FileNotFoundError:
+                    continue  # listed, then removed (a signal dropped by gc)
         return out
 
     def committed_shards(self) -> list[int]:
@@ -149,7 +186,11 @@ class Signal:
     def _coerce(self, shard: int, values) -> np.ndarray:
         if hasattr(values, "detach"):
             values = values.detach().cpu().float().numpy()
-        arr = np.asarray(values)
+        try:
+            arr = np.asarray(values)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"shard {shard} of signal {self.name!r}: values are not an array ({exc})",
+                             "pass a numpy array or tensor of the shard's rows") from None
         rows = self.store_meta.rows_in_shard(shard)
         want = (rows, *self.meta.row_shape)
         if arr.dtype.kind != "f":
@@ -162,7 +203,8 @@ class Signal:
                 f"shard {shard} of signal {self.name!r} needs shape {want}, got {arr.shape}",
                 "the dimension or row count is wrong: pass exactly the rows of that shard",
             )
-        out = arr.astype(self.dtype, copy=False)
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            out = arr.astype(self.dtype, copy=False)
         if not np.isfinite(out).all():
             bad = int(np.flatnonzero(~np.isfinite(out).reshape(rows, -1).all(axis=1))[0])
             raise StoreError(
@@ -185,23 +227,44 @@ class Signal:
             full = np.zeros((self.shard_rows, *self.meta.row_shape), dtype=self.dtype)
             full[: arr.shape[0]] = arr
             self.array[shard, slot] = full
+            # data (and zarr's rename of it into place) durable before the record points at it
+            chunk = self.chunk_path(shard, slot)
+            _fsync_file(chunk)
+            fsync_dir(chunk.parent)
             record = CommitRecord(
                 shard=int(shard), slot=slot, rows=int(arr.shape[0]), version=int(version), model=str(model),
                 checksum=checksum_array(arr), committed_at=time.time(),
                 generation=0 if old is None else old.generation + 1, seconds=float(seconds),
             )
             record.save(self._record_path(shard))
+            if old is not None:
+                # the superseded slot is no longer referenced; a reader still on it re-reads the
+                # record, sees the new generation and moves to the new slot
+                self.chunk_path(shard, old.slot).unlink(missing_ok=True)
         return record
 
     # -- reading --------------------------------------------------------------
-    def _read_committed(self, record: CommitRecord) -> np.ndarray:
+    def _read_committed(self, record: CommitRecord, out: np.ndarray | None = None) -> np.ndarray:
         # A writer (or gc) may replace the shard while we read it: re-check the commit record
         # afterwards and read again if it moved, so a reader never returns a torn or dropped slot.
         for _ in range(100):
-            values = np.asarray(self.array[record.shard, record.slot])[: record.rows]
+            try:
+                values = self._read_slot(record.shard, record.slot, record.rows, out)
+                error = None
+            except Exception as exc:  # a slot replaced or removed under us reads as garbage
+                values, error = None, exc
             now = self.record(record.shard)
             if now is None or now.generation == record.generation:
+                if error is not None:
+                    raise StoreError(
+                        f"shard {record.shard} of signal {self.name!r} is unreadable "
+                        f"({type(error).__name__}: {error})",
+                        "run `flexfeed store verify`, then recompute the shard",
+                    ) from None
                 return values
+            if now.rows != record.rows and out is not None:
+                raise StoreError(f"shard {record.shard} of signal {self.name!r} changed its row count",
+                                 "the store is damaged: run `flexfeed store verify`")
             record = now
         raise StoreError(f"shard {record.shard} of signal {self.name!r} keeps changing while read",
                          "pause the writers of this signal and retry")
@@ -220,6 +283,7 @@ class Signal:
         """Stream (shard, first_row, values) over committed shards; memory bounded by one shard."""
         records = self.records()
         for shard in (sorted(records) if shards is None else shards):
+            self._check_shard(shard)
             record = records.get(shard)
             if record is None:
                 raise StoreError(f"shard {shard} of signal {self.name!r} is not committed", "run its stage first")
@@ -234,13 +298,18 @@ class Signal:
                 "run the stage that produces it; committed shards are kept",
             )
         out = np.empty((self.num_rows, *self.meta.row_shape), dtype=self.dtype)
-        for _, start, values in self.iter_shards():
-            out[start : start + len(values)] = values
+        for shard, record in sorted(self.records().items()):
+            start, stop = self.shard_range(shard)
+            self._read_committed(record, out[start:stop])  # straight into place, no second copy
         return out
 
     def read_rows(self, rows) -> np.ndarray:
         """Values of the given row ids (any order, repeats allowed), reading each shard once."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        try:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"row ids for signal {self.name!r} are not integers ({exc})",
+                             "pass a list or array of row ids") from None
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             bad = int(rows[(rows < 0) | (rows >= self.num_rows)][0])
             raise StoreError(
@@ -274,6 +343,25 @@ class Signal:
 
     def state_hash(self) -> str:
         """Changes whenever any shard is (re)committed: what indexes are checked against."""
-        from .hashing import stable_hash
-
         return stable_hash(sorted((s, r.checksum, r.generation) for s, r in self.records().items()))
+
+
+def _plain_chunks(array: zarr.Array) -> bool:
+    """True when every chunk file holds raw native-order bytes (no compressor, no filter)."""
+    from zarr.codecs import BytesCodec
+
+    codecs = getattr(array.metadata, "codecs", ())
+    return (
+        len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
+        and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder)
+        and np.dtype(array.dtype).isnative
+        and tuple(array.chunks) == (1, 1, *array.shape[2:])
+    )
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -8,9 +8,16 @@ import time
 from pathlib import Path
 
 from .errors import StoreError
-from .hashing import stable_hash
+from .hashing import canonical_json, stable_hash
 from .layout import (
-    DATA_ARRAY, LOCKS_DIR, SIGNAL_META, SIGNALS_DIR, STAGE_LOG, STORE_META, check_name, signal_dir,
+    DATA_ARRAY,
+    LOCKS_DIR,
+    SIGNAL_META,
+    SIGNALS_DIR,
+    STAGE_LOG,
+    STORE_META,
+    check_name,
+    signal_dir,
 )
 from .locks import FileLock
 from .manifest import SignalMeta, StoreMeta
@@ -70,7 +77,11 @@ class Store:
         cls, path, *, dataset_fingerprint: str, num_rows: int, shard_rows: int = DEFAULT_SHARD_ROWS,
         dataset_info: dict | None = None,
     ) -> Store:
+        """Open the store at ``path``, creating it for this dataset when absent."""
         root = _local_path(path)
+        if not isinstance(dataset_fingerprint, str) or not dataset_fingerprint:
+            raise StoreError(f"a store needs a dataset fingerprint string, got {dataset_fingerprint!r}",
+                             "compute it with store.hashing.fingerprint_records")
         if not isinstance(num_rows, int) or num_rows <= 0:
             raise StoreError(f"a store needs a positive row count, got {num_rows!r}", "check the dataset is not empty")
         if not isinstance(shard_rows, int) or shard_rows <= 0:
@@ -106,9 +117,16 @@ class Store:
         check_name(name)
         if dtype not in DTYPES:
             raise StoreError(f"signal dtype {dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
-        if dim is not None and (not isinstance(dim, int) or dim <= 0):
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0):
             raise StoreError(f"signal dimension must be a positive integer or None, got {dim!r}", "e.g. dim=512")
-        key = self.signal_key(name, spec, dtype, dim)
+        if not isinstance(spec, dict):
+            raise StoreError(f"the spec of signal {name!r} must be a dict, got {type(spec).__name__}",
+                             "describe what produced the signal as a dict of plain values")
+        try:
+            key = self.signal_key(name, spec, dtype, dim)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"the spec of signal {name!r} cannot be hashed: {exc}",
+                             "use only strings, numbers, bools, None, lists and dicts in a spec") from None
         sdir = signal_dir(self.root, key)
         if not (sdir / SIGNAL_META).exists():
             with FileLock(self.root / LOCKS_DIR / f"create-{key}.lock", timeout_s=60, what=f"signal {name!r}"):
@@ -116,7 +134,7 @@ class Store:
                     sdir.mkdir(parents=True, exist_ok=True)
                     Signal.create_array(sdir / DATA_ARRAY, self.meta, dtype, dim)
                     # the header last: a signal directory without it is creation debris
-                    SignalMeta(key=key, name=name, dtype=dtype, dim=dim, spec=json.loads(json.dumps(spec))
+                    SignalMeta(key=key, name=name, dtype=dtype, dim=dim, spec=json.loads(canonical_json(spec))
                                ).save(sdir / SIGNAL_META)
         return self.get(key)
 
@@ -145,8 +163,10 @@ class Store:
         """Append one line about a stage run (what the report's time-per-stage reads)."""
         fields.setdefault("time", time.time())
         with FileLock(self.root / LOCKS_DIR / "stage_log.lock", timeout_s=30, what="stage log"):
-            with open(self.root / STAGE_LOG, "a") as fh:
-                fh.write(json.dumps(fields, sort_keys=True) + "\n")
+            with open(self.root / STAGE_LOG, "a+b") as fh:
+                # a crash mid-append leaves a torn last line: end it so this entry stays whole
+                torn = fh.seek(0, os.SEEK_END) > 0 and fh.seek(-1, os.SEEK_END) >= 0 and fh.read(1) != b"\n"
+                fh.write((("\n" if torn else "") + json.dumps(fields, sort_keys=True) + "\n").encode())
                 fh.flush()
                 os.fsync(fh.fileno())
 
