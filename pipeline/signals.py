@@ -9,14 +9,34 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stages.base import bind_live_model
-from stages.runner import plan_shards
-from store.errors import FlexfeedError
+from store.errors import FlexfeedError, LockBusy
 from store.faiss_index import load_index
 
 from .jobs import Prepared, stages_for
 from .strategies import SignalNeed
 
 LOSS_SIGNALS = ("loss", "ref_loss")
+
+
+def run_signal(stage, store, run_id: str):
+    """The run's own copy of a refreshable signal, seeded from the offline signal's committed shards.
+
+    Refreshed values depend on the run's training trajectory, so they are keyed by the run as well
+    as by what produced them; the offline (content-keyed) signal is never overwritten by a run.
+    """
+    desc = stage.signal()
+    if not run_id:
+        return store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
+    sig = store.signal(desc.name, {**desc.spec, "run": run_id}, dtype=desc.dtype, dim=desc.dim)
+    if not sig.records():
+        base = store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
+        for shard, rec in sorted(base.records().items()):
+            try:
+                sig.write_shard(shard, base.read_shard(shard), version=rec.version, model=rec.model,
+                                lock_timeout_s=600)
+            except LockBusy:
+                pass  # another rank is seeding the same shard
+    return sig
 
 
 @dataclass
@@ -32,8 +52,11 @@ class Refresher:
     gather_params: object = None  # context manager factory for ZeRO-3 (parameters gathered to compute)
     counts: dict = field(default_factory=dict)
 
+    run_id: str = ""
+
     def refresh(self, stage, data, store, step: int) -> dict:
-        sig, todo = plan_shards(stage, store, version=step, max_staleness=self.max_staleness)
+        sig = run_signal(stage, store, self.run_id)
+        todo = sig.stale_shards(step, self.max_staleness)
         mine = todo[self.rank :: self.world_size]
         t0 = time.perf_counter()
         if mine:
@@ -69,6 +92,7 @@ class StoreSignals:
         self.refresher = refresher
         self.log: dict = {}
         self._cache: dict = {}
+        self._scoped: set = set()
 
     def _split(self, split: str):
         if split == "train":
@@ -87,15 +111,18 @@ class StoreSignals:
                 if need.refresh and self.refresher is not None:
                     info = self.refresher.refresh(stage, data, store, self.step)
                     self.log.setdefault("refresh", {})[f"{need.name}/{need.split}"] = info
+                    self._scoped.add((need.name, need.split))
 
     def _signals(self, name: str, split: str):
         key = (name, split)
         if key not in self._cache:
             data, store = self._split(split)
             out = []
+            scoped = (name, split) in self._scoped
             for stage in stages_for(self.cfg, name, split):
                 desc = stage.signal()
-                out.append((desc.spec, store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)))
+                run_id = self.refresher.run_id if scoped and self.refresher is not None else ""
+                out.append((desc.spec, run_signal(stage, store, run_id)))
             self._cache[key] = out
         return self._cache[key]
 

@@ -13,6 +13,7 @@ import numpy as np
 from stages.loss import losses_of
 from stages.models import load_model
 from store.errors import FlexfeedError
+from store.hashing import stable_hash
 
 from .jobs import Prepared, prepare
 from .plan import Windows, rng_for
@@ -63,7 +64,7 @@ def initial_proportions(cfg, domain_ids: np.ndarray, k: int) -> np.ndarray:
                                 "give one proportion per dataset, in the order of `dataset`")
         return p
     rule = getattr(cfg.flex, "mixture_sample_rule", None) or "uniform"
-    if rule in ("stratified", "mixture"):
+    if rule == "stratified":
         return np.bincount(domain_ids, minlength=k).astype(np.float64)
     return np.full(k, 1.0 / k)
 
@@ -76,7 +77,8 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
 
     if cfg.training.get("deepspeed"):
         ensure_dist_env()
-    args = to_training_arguments(cfg)
+    # row ids and domains ride along in each batch; Trainer must not drop them
+    args = to_training_arguments(cfg, remove_unused_columns=False)
     kind = cfg.flex.train_type
     p = prepared or prepare(cfg, need_target=bool(cfg.data.eval_dataset))
     model = load_model(cfg.model, trainable=True)
@@ -92,11 +94,14 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer_ref: dict = {}
+    # refreshed signals belong to this run (its output folder), so runs sharing a store never mix them
+    run_id = stable_hash({"run": str(out_dir.resolve())})
 
     if kind != "static":
         windows = Windows(global_batch=global_batch, max_steps=max_steps, warmup_step=cfg.flex.warmup_step,
                           update_step=cfg.flex.update_step, update_times=cfg.flex.update_times)
         domain_ids = p.train.domain_ids()
+        init_p = initial_proportions(cfg, domain_ids, len(p.train.domain_names))
         target_domains = p.target.domain_ids() if p.target is not None else None
 
         def make_context(step: int, window: int) -> DecisionContext:
@@ -107,7 +112,7 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
                 refresher = Refresher(model=acc.unwrap_model(trainer.model), tokenizer=p.tokenizer,
                                       max_staleness=cfg.refresh.max_staleness, rank=acc.process_index,
                                       world_size=acc.num_processes, barrier=acc.wait_for_everyone,
-                                      gather_params=_zero3_gather(trainer))
+                                      gather_params=_zero3_gather(trainer), run_id=run_id)
             source = StoreSignals(cfg, p, step, refresher)
             needs = strategy.needs()
             if cfg.refresh.signals:
@@ -115,11 +120,11 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
             source.prepare(needs)
             return DecisionContext(step=step, num_rows=n, domain_ids=domain_ids, domain_names=p.train.domain_names,
                                    rng=rng_for(args.seed, 99, window), signals=source,
-                                   target_domain_ids=target_domains, log=source.log)
+                                   target_domain_ids=target_domains, log=source.log, init_proportions=init_p)
 
         scheduler = Scheduler(kind=kind, strategy=strategy, windows=windows, domain_ids=domain_ids,
                               domain_names=p.train.domain_names, seed=args.seed, make_context=make_context,
-                              init_proportions=initial_proportions(cfg, domain_ids, len(p.train.domain_names)))
+                              init_proportions=init_p)
         flex.scheduler = scheduler
         flex.mixer = strategy if kind == "mix" else None
         flex.weighter = strategy if kind == "weight" else None
@@ -183,7 +188,7 @@ def _write_outputs(trainer, flex: FlexRun, p: Prepared, cfg, out_dir: Path, summ
         write_jsonl(out_dir / MIX_FILE, flex.mix_log)
     if flex.mixer is not None and hasattr(flex.mixer, "final_weights"):
         weights = flex.mixer.final_weights(p.train.domain_names)
-        (out_dir / "domain_weights.json").write_text(json.dumps({"domain_weights": weights}, indent=1))
+        flex.mixer.write_final_weights(out_dir / "domain_weights.json", p.train.domain_names)
         summary["final_weights"] = weights
     elif flex.mixer is not None:
         summary["final_weights"] = dict(zip(p.train.domain_names, map(float, flex.scheduler.last_proportions),

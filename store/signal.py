@@ -325,14 +325,18 @@ class Signal:
 
     # -- staleness ------------------------------------------------------------
     def shard_states(self, current_version: int | None = None, max_staleness: int | None = None) -> list[ShardState]:
-        """Every shard with its version; stale = missing, or older than ``max_staleness`` steps."""
+        """Every shard with its version; stale = missing, or older than ``max_staleness`` steps.
+
+        A version newer than ``current_version`` is stale as well: it was computed by a model this
+        run has not reached (e.g. before a resume from an earlier checkpoint).
+        """
         records = self.records()
         out = []
         for shard in range(self.num_shards):
             r = records.get(shard)
             stale = r is None or (
                 current_version is not None and max_staleness is not None
-                and current_version - r.version > max_staleness
+                and not 0 <= current_version - r.version <= max_staleness
             )
             out.append(ShardState(shard, self.store_meta.rows_in_shard(shard), r is not None,
                                   None if r is None else r.version, None if r is None else r.model, stale))

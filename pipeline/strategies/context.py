@@ -35,6 +35,8 @@ class DecisionContext:
     signals: SignalSource
     target_domain_ids: np.ndarray | None = None
     log: dict = field(default_factory=dict)
+    init_proportions: np.ndarray | None = None
+    """The mixture the run started with (what warm-up windows were drawn from)."""
 
     @property
     def num_domains(self) -> int:

@@ -82,6 +82,7 @@ class Registry:
         return deco
 
     def names(self) -> list[str]:
+        _load_builtins()
         return sorted(self._classes)
 
     def resolve(self, name: str) -> type:
