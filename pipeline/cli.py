@@ -110,26 +110,77 @@ def _human_bytes(n: int) -> str:
 
 
 # --------------------------------------------------------------------------- stage / train / report
+def _load(config, overrides):
+    from .config import load_config
+
+    return load_config(config, list(overrides))
+
+
 @main.group()
 def stage():
-    """Offline stages that fill the signal store (embed, loss, grads, index)."""
+    """Offline stages that fill the signal store (embed, loss, grads, index, all)."""
+
+
+def _stage_command(which: str, doc: str):
+    @stage.command(which, help=doc)
+    @click.argument("config")
+    @click.argument("overrides", nargs=-1)
+    @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (default: a LocalCluster).")
+    @one_line_errors
+    def command(config, overrides, scheduler):
+        from .jobs import run_stage_job
+
+        cfg = _load(config, overrides)
+        if scheduler:
+            cfg.runner.scheduler = scheduler
+        results = run_stage_job(cfg, which)
+        for r in results:
+            click.echo(r.summary())
+        click.echo(f"recomputed_shards={sum(len(r.computed) for r in results)}")
+
+    return command
+
+
+for _which, _doc in (
+    ("embed", "One L2-normalised embedding per sample (hf, sentence-transformers or vllm backend)."),
+    ("loss", "Per-sample mean token loss and token count (training or reference model)."),
+    ("grads", "Projected per-sample LoRA gradient features (Adam-preconditioned for train, SGD for target)."),
+    ("index", "Build or refresh the FAISS index of a signal."),
+    ("all", "Run embed, loss, grads (when configured) and index in order."),
+):
+    _stage_command(_which, _doc)
 
 
 @main.command()
 @click.argument("config")
 @click.argument("overrides", nargs=-1)
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
+              help="Set by the deepspeed launcher; the LOCAL_RANK environment variable carries the same.")
 @one_line_errors
-def train(config, overrides):
+def train(config, overrides, local_rank):
     """Train with dynamic selection, mixing or weighting from CONFIG (key=value overrides)."""
-    raise FlexfeedError("`flexfeed train` is not available in this build yet", "see the README for status")
+    import os
+
+    from .train import train as run_train
+
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+
+    summary = run_train(_load(config, overrides))
+    click.echo(f"trained {summary['steps']} steps ({summary['train_type']}), output in {summary['output_dir']}")
 
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", "out_dir", default=None, help="Folder for report.html and the PNGs (default: first run's parent).")
+@click.option("--store", "store_paths", multiple=True, help="Store directories to summarise.")
 @one_line_errors
-def report(run_dirs):
+def report(run_dirs, out_dir, store_paths):
     """Write PNG plots and one HTML page for one or several runs."""
-    raise FlexfeedError("`flexfeed report` is not available in this build yet", "see the README for status")
+    from .report import write_report
+
+    path = write_report(list(run_dirs), out_dir=out_dir, stores=list(store_paths))
+    click.echo(f"report written to {path}")
 
 
 if __name__ == "__main__":

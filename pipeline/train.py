@@ -75,10 +75,23 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
 
     from .config import to_training_arguments
 
+    changes: dict = {"remove_unused_columns": False}  # row ids and domains ride along in each batch
     if cfg.training.get("deepspeed"):
         ensure_dist_env()
-    # row ids and domains ride along in each batch; Trainer must not drop them
-    args = to_training_arguments(cfg, remove_unused_columns=False)
+        import torch
+
+        if not torch.cuda.is_available():
+            # Without a GPU, accelerate picks no backend for DeepSpeed and counts one process whatever
+            # the launcher started: set the state up with gloo first and have Trainer use it.
+            from accelerate import PartialState
+
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            try:
+                PartialState(backend=cfg.training.get("ddp_backend") or "gloo")
+            finally:
+                del os.environ["ACCELERATE_USE_DEEPSPEED"]
+            changes["accelerator_config"] = {"use_configured_state": True}
+    args = to_training_arguments(cfg, **changes)
     kind = cfg.flex.train_type
     p = prepared or prepare(cfg, need_target=bool(cfg.data.eval_dataset))
     model = load_model(cfg.model, trainable=True)
@@ -151,7 +164,19 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
                "domains": p.train.domain_names, "global_batch": global_batch}
     if trainer.is_world_process_zero():
         _write_outputs(trainer, flex, p, cfg, out_dir, summary)
+    if world > 1 and flex.scheduler is not None:
+        # each rank's own account of its decisions: identical files prove the ranks agreed
+        rank = trainer.accelerator.process_index
+        (out_dir / f"flexfeed_rank{rank}.json").write_text(json.dumps(_rank_digest(flex), sort_keys=True))
     return summary
+
+
+def _rank_digest(flex: FlexRun) -> dict:
+    sched = flex.scheduler
+    return {"plans": stable_hash({str(w): p.tolist() for w, p in sorted(sched.plans.items())}),
+            "per_domain": [d["per_domain"] for d in sched.decisions],
+            "proportions": [d.get("proportions") for d in sched.decisions],
+            "weights": stable_hash([r["weights"] for r in flex.weight_log])}
 
 
 def _zero3_gather(trainer):

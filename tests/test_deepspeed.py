@@ -1,0 +1,70 @@
+"""DeepSpeed on CPU (gloo): ZeRO-2 in one process, and two ranks that must decide identically."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.jobs import run_stage_job
+from tests.run_fixtures import make_run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+DS_Z2 = ROOT / "configs" / "deepspeed" / "ds_z2.json"
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.fixture(scope="module")
+def ds_cfg(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds_run")
+    path = make_run_dir(root, tiny_checkpoint)
+    run_stage_job(load_config(path), "all", progress=False)
+    return path
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _run(cmd, timeout=300):
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_zero2_single_process(ds_cfg, tmp_path):
+    out = tmp_path / "z2"
+    _run([sys.executable, "-m", "pipeline.cli", "train", str(ds_cfg), f"deepspeed={DS_Z2}", f"output_dir={out}",
+          "train_type=select", "component=loss", "warmup_step=4", "update_step=4", "refresh.max_staleness=2"])
+    assert (out / "checkpoint-6" / "global_step6").is_dir()  # a DeepSpeed checkpoint
+    assert (out / "checkpoint-6" / "flexfeed_state.json").is_file()
+    run = json.loads((out / "flexfeed_run.json").read_text())
+    assert run["steps"] == 12 and run["train_loss"] > 0
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train_type=select", "component=loss", "refresh.max_staleness=2"],
+    ["train_type=weight", "component=loss", "component_args.strategy=quadratic"],
+    ["train_type=mix", "component=odm"],
+], ids=["select-refresh", "weight", "mix"])
+def test_two_ranks_decide_identically(ds_cfg, tmp_path, overrides):
+    out = tmp_path / "two"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    _run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "pipeline.cli", "train", str(ds_cfg),
+          f"deepspeed={DS_Z2}", f"output_dir={out}", "per_device_train_batch_size=2", "warmup_step=4",
+          "update_step=4", *overrides])
+    a = json.loads((out / "flexfeed_rank0.json").read_text())
+    b = json.loads((out / "flexfeed_rank1.json").read_text())
+    assert a == b
+    assert [sum(d.values()) for d in a["per_domain"]] == [16, 16, 16]  # global batch 2 x 2 ranks x 4 steps
+    if "train_type=weight" in overrides:
+        weights = [json.loads(x)["weights"] for x in (out / "flexfeed_weights.jsonl").read_text().splitlines()]
+        assert all(len(w) == 4 for w in weights)  # weights were computed over the gathered global batch
