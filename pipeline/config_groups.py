@@ -1,0 +1,180 @@
+"""The argument groups of a run: flexfeed's own (FlexArgs, RefreshArgs), the table of groups, RunConfig.
+
+Groups are plain keyword-only dataclasses; pipeline.config loads YAML into them. The key tables are built
+from the dataclasses at call time, so a field added to a group is a config key at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.args import DataArgs, EmbedArgs, GradsArgs, IndexArgs, LossArgs, ModelArgs, RunnerArgs, StoreArgs
+from store.errors import FlexfeedError
+
+from . import dataflex
+from .config_compat import LLAMAFACTORY_KEYS
+from .config_values import check_range, did_you_mean
+
+SAMPLE_RULES = ("mixture", "stratified", "uniform")
+MAX_STEPS = 10**9
+"""Largest step count accepted anywhere (a bigger one is a typo, not a plan)."""
+
+
+@dataclass(kw_only=True)
+class FlexArgs:
+    train_type: str = "static"
+    """`static` (plain training), `select`, `mix` or `weight`; DataFlex's `dynamic_*` spellings are accepted."""
+    component: str | None = None
+    """Registered component name (e.g. `less`, `doremi`, `loss`) or `package.module:Class`; needed unless static."""
+    component_args: dict = field(default_factory=dict)
+    """The component's parameters, checked against its Params at load (unknown ones are errors)."""
+    component_seed: int | None = None
+    """Seed of the component's decisions; default the training `seed`."""
+    warmup_step: int = 0
+    """Steps trained before the first decision (on uniformly drawn rows / the initial mixture)."""
+    update_step: int = 100
+    """Steps between two decisions."""
+    update_times: int | None = None
+    """Number of decisions; None (or DataFlex's -1) decides until the end of training."""
+    static_mix: bool = False
+    """`mix` only: keep the initial proportions fixed (DataFlex's static mixing; implies component `static`)."""
+    mixture_sample_rule: str = "mixture"
+    """Initial mixture: `mixture` (init_mixture_proportions), `stratified` (by dataset size) or `uniform`."""
+    init_mixture_proportions: list[float] | None = None
+    """One weight per dataset, in `dataset` order, for the mixture rule; normalised to sum to 1."""
+    mixer_eval_dataset: list[str] = field(default_factory=list)
+    """Datasets a mixer evaluates on (comma-separated string accepted); default eval_dataset."""
+
+    def __post_init__(self):
+        self.train_type = dataflex.normalise_train_type(self.train_type, "train_type")
+        if self.train_type != "static" and not self.component:
+            raise FlexfeedError(f"train_type {self.train_type!r} needs a component",
+                                f"set component (or DataFlex's component_name), e.g. {_EXAMPLES[self.train_type]}")
+        if self.update_times == -1:
+            self.update_times = None
+        check_range(self.warmup_step, "warmup_step", low=0, high=MAX_STEPS)
+        check_range(self.update_step, "update_step", low=1, high=MAX_STEPS)
+        check_range(self.update_times, "update_times", low=1, high=MAX_STEPS)
+        if self.mixture_sample_rule not in SAMPLE_RULES:
+            raise FlexfeedError(f"unknown mixture_sample_rule {self.mixture_sample_rule!r}",
+                                did_you_mean(self.mixture_sample_rule, SAMPLE_RULES))
+        props = self.init_mixture_proportions
+        if props is not None and (not props or any(p < 0 for p in props) or sum(props) <= 0):
+            raise FlexfeedError(f"init_mixture_proportions must be non-negative with a positive sum, got {props}",
+                                "give one weight per dataset, e.g. [0.7, 0.3]")
+        if props is not None:
+            self.init_mixture_proportions = [p / sum(props) for p in props]
+
+
+_EXAMPLES = {"select": "component: less", "mix": "component: doremi", "weight": "component: loss"}
+
+
+@dataclass(kw_only=True)
+class RefreshArgs:
+    enabled: bool = True
+    """Recompute stale shards of the signals the component reads before each decision."""
+    max_staleness: int | None = None
+    """A shard computed more than this many steps ago is stale; None never refreshes."""
+    signals: list[str] | None = None
+    """Signal names to refresh; None means those the component declares as refreshable."""
+
+    def __post_init__(self):
+        check_range(self.max_staleness, "refresh.max_staleness", low=0, high=MAX_STEPS)
+
+
+FLAT_GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "store": StoreArgs, "flex": FlexArgs}
+"""Groups whose fields are written as top-level keys, in lookup order (TrainingArguments come last)."""
+SECTION_GROUPS: dict[str, type] = {"embed": EmbedArgs, "loss": LossArgs, "grads": GradsArgs, "index": IndexArgs,
+                                   "runner": RunnerArgs, "refresh": RefreshArgs}
+"""Groups written as a nested mapping under their name."""
+SPECIAL_KEYS = ("components_cfg_file", "train_step")
+"""DataFlex keys handled by the loader itself rather than stored in a group."""
+
+LIMITS: dict[str, dict] = {
+    "training.learning_rate": dict(low=0, low_open=True, high=10),
+    "training.per_device_train_batch_size": dict(low=1, high=10**6),
+    "training.per_device_eval_batch_size": dict(low=1, high=10**6),
+    "training.gradient_accumulation_steps": dict(low=1, high=10**6),
+    "training.num_train_epochs": dict(low=0, high=10**6),
+    "training.max_steps": dict(low=1, high=MAX_STEPS, allow=(-1,)),
+    "training.seed": dict(low=0, high=2**32 - 1),
+    "training.weight_decay": dict(low=0, high=10),
+    "training.max_grad_norm": dict(low=0),
+    "model.lora_rank": dict(low=1, high=65536),
+    "model.lora_alpha": dict(low=1, high=10**6),
+    "model.lora_dropout": dict(low=0, high=0.999),
+    "data.cutoff_len": dict(low=1, high=10**7),
+    "data.max_samples": dict(low=1, high=10**12),
+    "store.shard_rows": dict(low=1, high=10**8),
+    "grads.proj_dim": dict(low=1, high=2**20),
+    "grads.batch_size": dict(low=1, high=10**5),
+    "embed.batch_size": dict(low=1, high=10**5),
+    "loss.batch_size": dict(low=1, high=10**5),
+    "runner.n_workers": dict(low=1, high=4096),
+    "runner.threads_per_worker": dict(low=1, high=1024),
+    "runner.retries": dict(low=0, high=100),
+    "runner.max_in_flight": dict(low=1, high=10**6),
+    "index.flat_max_rows": dict(low=1, high=10**12),
+}
+"""Sane ranges; any other TrainingArguments `*_steps` value must be >= 0 and <= MAX_STEPS."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A validated run: the argument groups plus where the config came from."""
+
+    model: ModelArgs
+    """Model and fine-tuning method."""
+    data: DataArgs
+    """Datasets (each one a domain) and tokenization."""
+    store: StoreArgs
+    """The signal store."""
+    runner: RunnerArgs
+    """Where offline stages run (Dask)."""
+    embed: EmbedArgs
+    """Embedding stage."""
+    loss: LossArgs
+    """Per-sample loss stage (e.g. DoReMi's reference losses)."""
+    grads: GradsArgs
+    """Gradient-feature stage (LESS)."""
+    index: IndexArgs
+    """FAISS index stage."""
+    training: dict
+    """Validated keyword arguments of transformers.TrainingArguments (deepspeed path resolved)."""
+    flex: FlexArgs
+    """What the online trainer decides, and when."""
+    refresh: RefreshArgs
+    """Which signals are recomputed as the model changes."""
+    path: Path | None = None
+    """The config file (None for a config built in code)."""
+    warnings: list[str] = field(default_factory=list)
+    """Keys accepted but ignored, with why (each also logged once)."""
+
+
+def training_fields() -> dict[str, dataclasses.Field]:
+    """transformers.TrainingArguments' init fields: the accepted training keys."""
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def flat_keys() -> dict[str, str]:
+    """Top-level key -> group name, built from the dataclasses at call time."""
+    table: dict[str, str] = {}
+    for group, cls in FLAT_GROUPS.items():
+        for f in dataclasses.fields(cls):
+            table.setdefault(f.name, group)
+    for name in training_fields():
+        table.setdefault(name, "training")
+    return table
+
+
+def accepted_keys() -> list[str]:
+    """Every key a config may use, dotted for sections (for did-you-mean hints and the docs)."""
+    keys = set(flat_keys()) | set(SECTION_GROUPS) | set(SPECIAL_KEYS) | set(LLAMAFACTORY_KEYS)
+    keys |= set(dataflex.KEY_RENAMES)
+    for section, cls in SECTION_GROUPS.items():
+        keys |= {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
+    return sorted(keys)
