@@ -48,7 +48,9 @@ class DataArgs:
     max_samples: int | None = None
     """Keep at most this many rows per dataset."""
     eval_dataset: list[str] = field(default_factory=list)
-    """Target/validation dataset names (their own store, gradients and embeddings)."""
+    """Target dataset names (their own store, gradients and embeddings): what selectors aim at."""
+    val_dataset: list[str] = field(default_factory=list)
+    """Validation dataset names, one per domain you want measured: per-domain loss at the end of training (default eval_dataset)."""
 
 
 @dataclass(kw_only=True)
@@ -99,6 +101,8 @@ class GradsArgs:
     """Dimension of the projected gradient features."""
     proj_type: str = "rademacher"
     """`rademacher` or `gaussian`."""
+    proj_structure: str = "kronecker"
+    """`kronecker` (per-weight P_a^T G P_c, LoGra-style, smallest memory) or `sparse` (count sketch, dense-projection accuracy, memory O(LoRA params))."""
     seed: int = 0
     """Projection seed: same seed, same features on any machine."""
     grad_type: str = "adam"

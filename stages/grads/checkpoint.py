@@ -1,0 +1,74 @@
+"""What identifies a training checkpoint for gradient features: its files' hash, step and learning rate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from store.errors import FlexfeedError
+from store.hashing import HASH_HEX_CHARS
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def optimizer_files(checkpoint: str | os.PathLike) -> list[Path]:
+    """The files holding a checkpoint's optimizer state (Trainer or DeepSpeed), without reading them."""
+    from stages.grads.optim_layouts import find_deepspeed_dir
+
+    root = Path(checkpoint)
+    for name in ("optimizer.pt", "optimizer.bin"):
+        if (root / name).is_file():
+            return [root / name]
+    ds_dir = find_deepspeed_dir(root)
+    if ds_dir is None:
+        return []
+    zero = sorted(ds_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    # ZeRO 0 keeps the optimizer inside the model states file
+    return zero or sorted(ds_dir.glob("mp_rank_00_model_states.pt"))
+
+
+def checkpoint_identity(checkpoint: str | os.PathLike, with_optimizer: bool) -> str:
+    """sha256 over the adapter files (and optimizer files when they shape the values), by name and bytes."""
+    root = Path(checkpoint)
+    files = [root / n for n in ADAPTER_FILES if (root / n).is_file()]
+    if not any(f.name != "adapter_config.json" for f in files):
+        raise FlexfeedError(f"checkpoint {root} has no adapter_model.safetensors or adapter_model.bin",
+                            hint="gradient features need LoRA checkpoints saved by the Trainer or PeftModel")
+    if with_optimizer:
+        opt = optimizer_files(root)
+        if not opt:
+            raise FlexfeedError(f"checkpoint {root} has no optimizer state (optimizer.pt or global_step*/)",
+                                hint="save checkpoints with optimizer state, or use grad_type: sgd")
+        files += opt
+    h = hashlib.sha256()
+    for f in files:
+        h.update(os.path.relpath(f, root).encode() + b"\x00")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:HASH_HEX_CHARS]
+
+
+def trainer_state(checkpoint: str | os.PathLike) -> dict:
+    """The checkpoint's trainer_state.json, or {} when there is none."""
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FlexfeedError(f"{path} is not valid JSON ({err})", hint="the checkpoint was not saved completely") from err
+
+
+def checkpoint_lr(checkpoint: str | os.PathLike) -> float | None:
+    """The last learning rate logged in trainer_state.json (None when it logs none)."""
+    history = trainer_state(checkpoint).get("log_history", [])
+    rates = [e["learning_rate"] for e in history if isinstance(e, dict) and "learning_rate" in e]
+    return float(rates[-1]) if rates else None
+
+
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The global step recorded in trainer_state.json (0 when unknown)."""
+    return int(trainer_state(checkpoint).get("global_step", 0) or 0)

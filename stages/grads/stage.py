@@ -1,0 +1,140 @@
+"""GradsStage: per-sample LoRA gradient features of a shard's rows, one signal per checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from stages.args import GradsArgs, ModelArgs
+from stages.base import SignalDesc, Stage
+from stages.batching import length_sorted_batches, pad_batch
+from stages.grads.checkpoint import checkpoint_identity, checkpoint_lr, checkpoint_step
+from stages.grads.projection import PROJ_STRUCTURES, PROJ_TYPES
+from store.errors import FlexfeedError
+
+GRAD_TYPES = ("adam", "sgd")
+
+
+def _check(args: GradsArgs, checkpoint: str | None) -> None:
+    if args.grad_type not in GRAD_TYPES:
+        raise FlexfeedError(f"grads.grad_type {args.grad_type!r} is unknown", hint="use 'adam' or 'sgd'")
+    if args.proj_type not in PROJ_TYPES:
+        raise FlexfeedError(f"grads.proj_type {args.proj_type!r} is unknown", hint=f"use one of {PROJ_TYPES}")
+    if args.proj_structure not in PROJ_STRUCTURES:
+        raise FlexfeedError(f"grads.proj_structure {args.proj_structure!r} is unknown",
+                            hint=f"use one of {PROJ_STRUCTURES}")
+    if args.proj_dim < 1 or args.batch_size < 1:
+        raise FlexfeedError(f"grads.proj_dim ({args.proj_dim}) and grads.batch_size ({args.batch_size}) must be >= 1",
+                            hint="e.g. proj_dim: 8192, batch_size: 16")
+    if args.grad_type == "adam" and checkpoint is None:
+        raise FlexfeedError("grads.grad_type adam needs a checkpoint with optimizer state, none given",
+                            hint="list Trainer checkpoint directories under grads.checkpoints, or use grad_type: sgd")
+
+
+class GradsStage(Stage):
+    """Signal `grads` (Adam-preconditioned, LESS) or `grads_sgd` (raw gradients): (rows, proj_dim)."""
+
+    code_version = "grads-1"
+
+    def __init__(self, model_args: ModelArgs, args: GradsArgs, checkpoint: str | None = None):
+        _check(args, checkpoint)
+        self.args = args
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        # the checkpoint's adapter is the model whose gradients we take
+        self.model_args = replace(model_args, adapter_name_or_path=self.checkpoint) if checkpoint else model_args
+        self._spec: dict | None = None
+        self._model = self._projector = self._preconditioner = None
+        self._pad_id = 0
+
+    def __getstate__(self):
+        # ship the description to workers, never a loaded model
+        state = dict(self.__dict__)
+        state["_model"] = state["_projector"] = state["_preconditioner"] = None
+        return state
+
+    def signal(self) -> SignalDesc:
+        """`grads` or `grads_sgd`, keyed by model, checkpoint files, projection and code version."""
+        if self._spec is None:
+            from stages.models import model_identity
+
+            adam = self.args.grad_type == "adam"
+            ckpt = None
+            if self.checkpoint is not None:
+                lr = checkpoint_lr(self.checkpoint)
+                lr_source = "trainer_state"
+                if lr is None and adam:
+                    lr, lr_source = self._optimizer_lr(), "optimizer"
+                ckpt = {"path": self.checkpoint, "hash": checkpoint_identity(self.checkpoint, with_optimizer=adam),
+                        "step": checkpoint_step(self.checkpoint), "lr": lr, "lr_source": lr_source if lr is not None else None}
+            self._spec = {
+                "kind": "grads", "model": model_identity(self.model_args), "checkpoint": ckpt,
+                "lr": ckpt["lr"] if ckpt else None, "grad_type": self.args.grad_type,
+                "proj_dim": self.args.proj_dim, "proj_type": self.args.proj_type,
+                "proj_structure": self.args.proj_structure, "seed": self.args.seed,
+                "normalize": self.args.normalize, "loss": "token_mean", "code_version": self.code_version,
+            }
+        name = "grads" if self.args.grad_type == "adam" else "grads_sgd"
+        return SignalDesc(name=name, spec=self._spec, dtype=self.args.dtype, dim=self.args.proj_dim)
+
+    def _optimizer_lr(self) -> float | None:
+        from stages.grads.precondition import load_adam_state
+        from stages.models import load_model
+
+        model = load_model(self.model_args, trainable=True)
+        params = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+        return load_adam_state(self.checkpoint, params).lr
+
+    def setup(self) -> None:
+        """Load the model (with the checkpoint's adapter), its Adam moments and the projector, once."""
+        import torch
+
+        from stages.grads.features import build_projector
+        from stages.grads.precondition import AdamPreconditioner, load_adam_state
+        from stages.models import load_model, load_tokenizer
+
+        if self._model is not None:
+            return
+        model = load_model(self.model_args, trainable=True)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        self._pad_id = load_tokenizer(self.model_args).pad_token_id or 0
+        self._projector = build_projector(model, self.args.proj_dim, proj_type=self.args.proj_type,
+                                          seed=self.args.seed, structure=self.args.proj_structure)
+        if self.args.grad_type == "adam":
+            params = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+            device = next(model.parameters()).device
+            self._preconditioner = AdamPreconditioner(load_adam_state(self.checkpoint, params), device=device)
+        self._model = model
+
+    def compute(self, rows: dict[str, list]) -> np.ndarray:
+        """(len(rows), proj_dim) float32 features, in length-sorted batches of batch_size rows."""
+        from stages.grads.features import compute_features
+
+        self.setup()
+        input_ids, labels = rows["input_ids"], rows.get("labels") or rows["input_ids"]
+        out = np.zeros((len(input_ids), self.args.proj_dim), dtype=np.float32)
+        for index in length_sorted_batches([len(r) for r in input_ids], self.args.batch_size):
+            empty = [i for i in index if len(input_ids[i]) == 0]
+            if empty:
+                raise FlexfeedError(f"row {empty[0]} of the shard has no tokens",
+                                    hint="drop empty samples in the data stage (cutoff_len, filters)")
+            batch = pad_batch([input_ids[i] for i in index], [labels[i] for i in index], pad_id=self._pad_id)
+            feats = compute_features(self._model, batch, self._projector, self._preconditioner,
+                                     normalize=self.args.normalize)
+            out[index] = feats.cpu().numpy()
+        return out
+
+    def model_version(self) -> tuple[int, str]:
+        """(checkpoint step, checkpoint hash) or (0, model weight hash) without a checkpoint."""
+        spec = self.signal().spec
+        if spec["checkpoint"]:
+            return spec["checkpoint"]["step"], spec["checkpoint"]["hash"]
+        return 0, spec["model"]["weights"]
+
+
+def grads_stages(model_args: ModelArgs, args: GradsArgs) -> list[GradsStage]:
+    """One stage per checkpoint in ``args.checkpoints`` (the model as loaded when there are none)."""
+    if not args.checkpoints:
+        return [GradsStage(model_args, args, None)]
+    return [GradsStage(model_args, args, c) for c in args.checkpoints]

@@ -1,0 +1,103 @@
+"""GradsStage: signal description, per-checkpoint keys and learning rates, compute() over a shard."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from stages.args import GradsArgs, ModelArgs
+from stages.batching import pad_batch
+from stages.grads import AdamPreconditioner, GradsStage, build_projector, compute_features, load_adam_state
+from stages.grads.stage import grads_stages
+from store.errors import FlexfeedError
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoint, tmp_path_factory):
+    """Two Trainer-style LoRA checkpoints (adapter, optimizer.pt, trainer_state.json) of one short run."""
+    from stages.models import load_model
+
+    margs = ModelArgs(model_name_or_path=str(tiny_checkpoint), lora_rank=4, lora_target="q_proj,v_proj,down_proj")
+    torch.manual_seed(0)
+    model = load_model(margs, trainable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params}, {"params": []}], lr=1e-3)
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(5, model.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 5, 12)]
+    out = []
+    for step, lr in ((1, 1e-3), (2, 5e-4)):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        model(**pad_batch(rows)).loss.backward()
+        opt.step()
+        ckpt = tmp_path_factory.mktemp(f"checkpoint-{step}")
+        model.save_pretrained(ckpt)
+        torch.save(opt.state_dict(), ckpt / "optimizer.pt")
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step,
+                                                             "log_history": [{"learning_rate": lr, "step": step}]}))
+        out.append(str(ckpt))
+    return margs, out
+
+
+ROWS = {"input_ids": [[5, 9, 17, 33, 8, 2, 40], [44, 3, 12], [7, 7, 100, 21, 60, 61, 62, 90, 11], [6, 30]],
+        "labels": [[-100, -100, 17, 33, 8, 2, 40], [44, 3, 12], [7, 7, 100, 21, 60, 61, 62, 90, 11], [6, 30]]}
+
+
+def test_one_signal_per_checkpoint_with_its_lr(checkpoints):
+    margs, ckpts = checkpoints
+    stages = grads_stages(margs, GradsArgs(proj_dim=64, checkpoints=ckpts))
+    descs = [s.signal() for s in stages]
+    assert [d.name for d in descs] == ["grads", "grads"] and all(d.dim == 64 for d in descs)
+    assert [d.spec["lr"] for d in descs] == [1e-3, 5e-4]
+    assert descs[0].spec["checkpoint"]["hash"] != descs[1].spec["checkpoint"]["hash"]
+    assert descs[0].spec["model"]["adapter"] is not None  # the checkpoint's adapter is the model
+    assert {"grad_type", "proj_dim", "proj_type", "seed", "normalize", "code_version"} <= set(descs[0].spec)
+    assert [s.model_version()[0] for s in stages] == [1, 2]
+    sgd = GradsStage(margs, GradsArgs(proj_dim=64, grad_type="sgd"), ckpts[0]).signal()
+    assert sgd.name == "grads_sgd" and sgd.spec["checkpoint"]["hash"] != descs[0].spec["checkpoint"]["hash"]
+
+
+def test_compute_matches_features_of_the_loaded_checkpoint(checkpoints):
+    from stages.models import load_model
+
+    margs, ckpts = checkpoints
+    stage = GradsStage(margs, GradsArgs(proj_dim=64, batch_size=3, seed=7), ckpts[1])
+    stage = pickle.loads(pickle.dumps(stage))  # as the runner ships it to a worker
+    got = stage.compute(ROWS)
+    assert got.shape == (4, 64) and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # independent path: load the checkpoint, one padded batch of all rows, same projection
+    model = load_model(ModelArgs(**{**margs.__dict__, "adapter_name_or_path": ckpts[1]}), trainable=True)
+    params = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+    pre = AdamPreconditioner(load_adam_state(ckpts[1], params))
+    want = compute_features(model, pad_batch(ROWS["input_ids"], ROWS["labels"]), build_projector(model, 64, seed=7),
+                            pre).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert pickle.loads(pickle.dumps(stage))._model is None  # a set-up stage pickles without its model
+
+
+def test_sgd_without_checkpoint_and_batch_size_invariance(checkpoints):
+    margs, _ = checkpoints
+    small = GradsStage(margs, GradsArgs(proj_dim=64, grad_type="sgd", batch_size=1, normalize=False))
+    large = GradsStage(margs, GradsArgs(proj_dim=64, grad_type="sgd", batch_size=4, normalize=False))
+    a, b = small.compute(ROWS), large.compute(ROWS)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert small.signal().spec["checkpoint"] is None and small.signal().name == "grads_sgd"
+
+
+def test_bad_settings_are_clear_errors(checkpoints, tmp_path):
+    margs, ckpts = checkpoints
+    with pytest.raises(FlexfeedError, match="needs a checkpoint"):
+        GradsStage(margs, GradsArgs(grad_type="adam"))
+    with pytest.raises(FlexfeedError, match="grad_type"):
+        GradsStage(margs, GradsArgs(grad_type="sign"), ckpts[0])
+    with pytest.raises(FlexfeedError, match="proj_structure"):
+        GradsStage(margs, GradsArgs(proj_structure="dense"), ckpts[0])
+    stage = GradsStage(margs, GradsArgs(proj_dim=64, grad_type="sgd"))
+    with pytest.raises(FlexfeedError, match="row 1 of the shard has no tokens"):
+        stage.compute({"input_ids": [[5, 6], []], "labels": [[5, 6], []]})
