@@ -219,7 +219,12 @@ def _write_outputs(trainer, flex: FlexRun, p: Prepared, cfg, out_dir: Path, summ
         summary["final_weights"] = dict(zip(p.train.domain_names, map(float, flex.scheduler.last_proportions),
                                             strict=True))
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if p.target is not None:
+    if cfg.data.val_dataset:
+        from stages.data import load_data
+
+        val = load_data(cfg.data, p.tokenizer, list(cfg.data.val_dataset))
+        summary["eval_loss"] = evaluate_domains(model, p.tokenizer, val)
+    elif p.target is not None:
         summary["eval_loss"] = evaluate_domains(model, p.tokenizer, p.target)
     summary["log_history"] = trainer.state.log_history
     (out_dir / RUN_FILE).write_text(json.dumps(summary, indent=1, default=str))
