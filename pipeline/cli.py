@@ -110,10 +110,10 @@ def _human_bytes(n: int) -> str:
 
 
 # --------------------------------------------------------------------------- stage / train / report
-def _load(config, overrides):
+def _load(config, overrides, training: bool = True):
     from .config import load_config
 
-    return load_config(config, list(overrides))
+    return load_config(config, list(overrides), training=training)
 
 
 @main.group()
@@ -130,7 +130,7 @@ def _stage_command(which: str, doc: str):
     def command(config, overrides, scheduler):
         from .jobs import run_stage_job
 
-        cfg = _load(config, overrides)
+        cfg = _load(config, overrides, training=False)
         if scheduler:
             cfg.runner.scheduler = scheduler
         results = run_stage_job(cfg, which)

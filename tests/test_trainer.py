@@ -67,7 +67,7 @@ def test_static_run_matches_a_plain_trainer(run_cfg, tmp_path):
     np.testing.assert_allclose(flex_losses, plain_losses, rtol=1e-6)
 
 
-@pytest.mark.parametrize("component", ["random", "loss", "delta_loss", "near", "tsds", "cluster"])
+@pytest.mark.parametrize("component", ["random", "loss", "delta_loss", "near", "tsds", "cluster", "less"])
 def test_each_selector_trains_end_to_end(run_cfg, tmp_path, component, seen_rows):
     path, _ = run_cfg
     cfg = load_config(path, [f"output_dir={tmp_path}", "train_type=select", f"component={component}",
@@ -153,3 +153,22 @@ def test_refresh_recomputes_exactly_the_stale_shards(run_cfg, tmp_path):
 
 
 _ = torch
+
+
+def test_less_with_refresh_recomputes_gradients_with_the_live_model(run_cfg, tmp_path):
+    path, _ = run_cfg
+    cfg = load_config(path, [f"output_dir={tmp_path}", "train_type=select", "component=less", "warmup_step=4",
+                             "update_step=4", "refresh.max_staleness=3"])
+    run_stage_job(cfg, "grads", progress=False)
+    train(cfg)
+    decisions = [json.loads(x) for x in (tmp_path / "flexfeed_decisions.jsonl").read_text().splitlines()]
+    refreshed = [d["refresh"] for d in decisions if d["decision"]]
+    # offline features are from step 0: stale at step 4 and again at step 8 (4 shards of train rows)
+    assert [r["grads/train"]["stale"] for r in refreshed] == [4, 4]
+    assert [r["grads_sgd/target"]["stale"] for r in refreshed] == [1, 1]
+    p = prepare(cfg)
+    run_sigs = [s for s in p.train_store.signals() if "run" in s.meta.spec]
+    assert run_sigs and {r.version for r in run_sigs[0].records().values()} == {8}
+    offline = [s for s in p.train_store.signals() if s.name == run_sigs[0].name and "run" not in s.meta.spec
+               and s.records()]
+    assert offline and all({r.version for r in s.records().values()} == {0} for s in offline)  # untouched

@@ -107,6 +107,20 @@ class GradsStage(Stage):
             self._preconditioner = AdamPreconditioner(load_adam_state(self.checkpoint, params), device=device)
         self._model = model
 
+    def bind_model(self, model, tokenizer) -> None:
+        """Compute with an already-loaded (training) model: same projection, the checkpoint's Adam moments."""
+        from stages.grads.features import build_projector
+        from stages.grads.precondition import AdamPreconditioner, load_adam_state
+
+        self._model = model
+        self._pad_id = tokenizer.pad_token_id or 0
+        self._projector = build_projector(model, self.args.proj_dim, proj_type=self.args.proj_type,
+                                          seed=self.args.seed, structure=self.args.proj_structure)
+        if self.args.grad_type == "adam":
+            params = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+            device = next(model.parameters()).device
+            self._preconditioner = AdamPreconditioner(load_adam_state(self.checkpoint, params), device=device)
+
     def compute(self, rows: dict[str, list]) -> np.ndarray:
         """(len(rows), proj_dim) float32 features, in length-sorted batches of batch_size rows."""
         from stages.grads.features import compute_features
