@@ -63,10 +63,14 @@ def write_config(out: Path, name: str, overrides: dict) -> Path:
     import yaml
 
     cfg = yaml.safe_load(BASE_CONFIG.read_text())
+
+    def moved(path: str) -> str:
+        return str(out / Path(path).relative_to("demo_out"))
+
     for key in ("model_name_or_path", "dataset_dir", "store"):
-        cfg[key] = str(out / cfg[key])
+        cfg[key] = moved(cfg[key])
     cfg["output_dir"] = str(out / "runs" / name)
-    cfg["grads"]["checkpoints"] = [str(out / c) for c in cfg["grads"]["checkpoints"]]
+    cfg["grads"]["checkpoints"] = [moved(c) for c in cfg["grads"]["checkpoints"]]
     cfg.update(overrides)
     path = out / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

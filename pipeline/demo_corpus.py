@@ -9,8 +9,7 @@ downloaded; the same seed and Python version give the same bytes.
 from __future__ import annotations
 
 import ast
-import importlib
-import inspect
+import importlib.util
 import json
 import random
 import re
@@ -113,18 +112,21 @@ def stdlib_code_rows(need: int, rng: random.Random) -> list[dict]:
 
 
 def _documented(modname: str) -> Iterator[tuple[str, str]]:
-    module = importlib.import_module(modname)
-    for name in sorted(vars(module)):
-        obj = vars(module)[name]
-        if name.startswith("_") or getattr(obj, "__module__", None) not in (modname, None):
+    """Docstrings read from the module's source (not imported: other libraries may patch the stdlib)."""
+    spec = importlib.util.find_spec(modname)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    nodes = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    for node in sorted((n for n in tree.body if isinstance(n, nodes)), key=lambda n: n.name):
+        if node.name.startswith("_"):
             continue
-        if inspect.isclass(obj) or inspect.isroutine(obj):
-            yield f"{modname}.{name}", inspect.getdoc(obj) or ""
-            if inspect.isclass(obj):
-                for attr in sorted(vars(obj)):
-                    member = vars(obj)[attr]
-                    if not attr.startswith("_") and inspect.isfunction(member):
-                        yield f"{modname}.{name}.{attr}", inspect.getdoc(member) or ""
+        yield f"{modname}.{node.name}", ast.get_docstring(node) or ""
+        if isinstance(node, ast.ClassDef):
+            methods = (n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+            for member in sorted(methods, key=lambda n: n.name):
+                if not member.name.startswith("_"):
+                    yield f"{modname}.{node.name}.{member.name}", ast.get_docstring(member) or ""
 
 
 def docstring_rows(need: int, rng: random.Random) -> list[dict]:
