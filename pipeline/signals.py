@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stages.base import bind_live_model
-from store.errors import FlexfeedError, LockBusy
+from store.errors import FlexfeedError
 from store.faiss_index import load_index
 
 from .jobs import Prepared, stages_for
@@ -18,25 +18,26 @@ from .strategies import SignalNeed
 LOSS_SIGNALS = ("loss", "ref_loss")
 
 
+def base_signal(stage, store):
+    """The offline, content-keyed signal a stage produces."""
+    desc = stage.signal()
+    return store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
+
+
 def run_signal(stage, store, run_id: str):
-    """The run's own copy of a refreshable signal, seeded from the offline signal's committed shards.
+    """The run's own copy of a refreshable signal (created empty if new).
 
     Refreshed values depend on the run's training trajectory, so they are keyed by the run as well
     as by what produced them; the offline (content-keyed) signal is never overwritten by a run.
     """
     desc = stage.signal()
-    if not run_id:
-        return store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
-    sig = store.signal(desc.name, {**desc.spec, "run": run_id}, dtype=desc.dtype, dim=desc.dim)
-    if not sig.records():
-        base = store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
-        for shard, rec in sorted(base.records().items()):
-            try:
-                sig.write_shard(shard, base.read_shard(shard), version=rec.version, model=rec.model,
-                                lock_timeout_s=600)
-            except LockBusy:
-                pass  # another rank is seeding the same shard
-    return sig
+    return store.signal(desc.name, {**desc.spec, "run": run_id}, dtype=desc.dtype, dim=desc.dim)
+
+
+def seed_from(sig, base) -> None:
+    """Copy the offline signal's committed shards (with their versions) into an empty run signal."""
+    for shard, rec in sorted(base.records().items()):
+        sig.write_shard(shard, base.read_shard(shard), version=rec.version, model=rec.model, lock_timeout_s=600)
 
 
 @dataclass
@@ -50,49 +51,82 @@ class Refresher:
     world_size: int = 1
     barrier: object = None
     gather_params: object = None  # context manager factory for ZeRO-3 (parameters gathered to compute)
+    run_id: str = ""
     counts: dict = field(default_factory=dict)
 
-    run_id: str = ""
-
-    def refresh(self, stage, data, store, step: int) -> dict:
-        sig = run_signal(stage, store, self.run_id)
-        todo = sig.stale_shards(step, self.max_staleness)
-        mine = todo[self.rank :: self.world_size]
-        t0 = time.perf_counter()
-        if mine:
-            import torch
-
-            was_training = getattr(self.model, "training", False)
-            self.model.eval()
-            ctx = self.gather_params() if self.gather_params is not None else contextlib.nullcontext()
-            try:
-                with ctx, torch.enable_grad() if "grads" in sig.name else torch.no_grad():
-                    live = bind_live_model(stage, self.model, self.tokenizer)
-                    for shard in mine:
-                        start, stop = sig.shard_range(shard)
-                        values = live.compute(data.rows(start, stop))
-                        sig.write_shard(shard, values, version=step, model=f"live@{step}", lock_timeout_s=600)
-            finally:
-                if was_training:
-                    self.model.train()
+    def _sync(self) -> None:
         if self.barrier is not None:
             self.barrier()
-        info = {"stale": len(todo), "recomputed_here": len(mine), "seconds": round(time.perf_counter() - t0, 3)}
+
+    def refresh(self, stage, data, store, step: int):
+        """Make the stage's signal fresh for `step`; returns (info, the signal to read)."""
+        t0 = time.perf_counter()
+        base = base_signal(stage, store)
+        if self.max_staleness is None and base.is_complete():
+            # nothing can go stale: read the offline signal as it is, no copy
+            return {"stale": 0, "recomputed_here": 0, "seconds": 0.0, "source": "offline"}, base
+        sig = run_signal(stage, store, self.run_id) if self.run_id else base
+        if self.run_id and self.rank == 0 and not sig.records():
+            seed_from(sig, base)
+        self._sync()  # every rank lists the stale shards from the same state
+        todo = sig.stale_shards(step, self.max_staleness)
+        mine = todo[self.rank :: self.world_size]
+        if mine:
+            self._recompute(stage, data, sig, mine, step)
+        self._sync()
+        info = {"stale": len(todo), "recomputed_here": len(mine), "seconds": round(time.perf_counter() - t0, 3),
+                "source": "run"}
         self.counts[sig.name] = self.counts.get(sig.name, 0) + len(todo)
-        return info
+        return info, sig
+
+    def _recompute(self, stage, data, sig, shards: list[int], step: int) -> None:
+        import torch
+
+        was_training = getattr(self.model, "training", False)
+        self.model.eval()
+        ctx = self.gather_params() if self.gather_params is not None else contextlib.nullcontext()
+        try:
+            with ctx, torch.enable_grad() if "grads" in sig.name else torch.no_grad():
+                live = bind_live_model(stage, self.model, self.tokenizer)
+                for shard in shards:
+                    start, stop = sig.shard_range(shard)
+                    values = live.compute(data.rows(start, stop))
+                    sig.write_shard(shard, values, version=step, model=f"live@{step}", lock_timeout_s=600)
+        finally:
+            if was_training:
+                self.model.train()
+
+
+class ValueCache:
+    """float32 copies of signals, reused while no shard of the signal changes (keyed by state hash)."""
+
+    def __init__(self):
+        self._values: dict[str, tuple[str, np.ndarray]] = {}
+
+    def get(self, sig, name: str) -> np.ndarray:
+        state = sig.state_hash()
+        hit = self._values.get(sig.key)
+        if hit is not None and hit[0] == state:
+            return hit[1]
+        arr = sig.read_all().astype(np.float32)
+        arr = arr[:, 0].copy() if name in LOSS_SIGNALS else arr
+        arr.setflags(write=False)  # shared between decisions: strategies must not modify it
+        self._values[sig.key] = (state, arr)
+        return arr
 
 
 class StoreSignals:
     """Signals of the train/target stores for one decision (refreshed before it, then read-only)."""
 
-    def __init__(self, cfg, prepared: Prepared, step: int, refresher: Refresher | None = None):
+    def __init__(self, cfg, prepared: Prepared, step: int, refresher: Refresher | None = None,
+                 cache: ValueCache | None = None):
         self.cfg = cfg
         self.p = prepared
         self.step = step
         self.refresher = refresher
+        self.cache = cache or ValueCache()
         self.log: dict = {}
-        self._cache: dict = {}
-        self._scoped: set = set()
+        self._chosen: dict[tuple[str, str], list] = {}
 
     def _split(self, split: str):
         if split == "train":
@@ -104,40 +138,34 @@ class StoreSignals:
         raise FlexfeedError(f"unknown split {split!r}", "use train or target")
 
     def prepare(self, needs: list[SignalNeed]) -> None:
-        """Refresh every needed signal that may be refreshed; the others must be complete already."""
+        """Refresh every needed signal that may be refreshed; the others are read as stored."""
         for need in needs:
             data, store = self._split(need.split)
+            chosen = []
             for stage in stages_for(self.cfg, need.name, need.split):
                 if need.refresh and self.refresher is not None:
-                    info = self.refresher.refresh(stage, data, store, self.step)
+                    info, sig = self.refresher.refresh(stage, data, store, self.step)
                     self.log.setdefault("refresh", {})[f"{need.name}/{need.split}"] = info
-                    self._scoped.add((need.name, need.split))
+                else:
+                    sig = base_signal(stage, store)
+                chosen.append((stage.signal().spec, sig))
+            self._chosen[(need.name, need.split)] = chosen
 
     def _signals(self, name: str, split: str):
         key = (name, split)
-        if key not in self._cache:
-            data, store = self._split(split)
-            out = []
-            scoped = (name, split) in self._scoped
-            for stage in stages_for(self.cfg, name, split):
-                desc = stage.signal()
-                run_id = self.refresher.run_id if scoped and self.refresher is not None else ""
-                out.append((desc.spec, run_signal(stage, store, run_id)))
-            self._cache[key] = out
-        return self._cache[key]
-
-    def _values(self, name: str, sig) -> np.ndarray:
-        arr = sig.read_all().astype(np.float32)
-        return arr[:, 0] if name in LOSS_SIGNALS else arr
+        if key not in self._chosen:
+            _, store = self._split(split)
+            self._chosen[key] = [(s.signal().spec, base_signal(s, store)) for s in stages_for(self.cfg, name, split)]
+        return self._chosen[key]
 
     def get(self, name: str, split: str = "train") -> np.ndarray:
-        return self._values(name, self._signals(name, split)[-1][1])
+        return self.cache.get(self._signals(name, split)[-1][1], name)
 
     def get_all(self, name: str, split: str = "train") -> list[tuple[dict, np.ndarray]]:
         out = []
         for spec, sig in self._signals(name, split):
             meta = {"lr": float(spec.get("lr") or 1.0), "checkpoint": spec.get("checkpoint")}
-            out.append((meta, self._values(name, sig)))
+            out.append((meta, self.cache.get(sig, name)))
         return out
 
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):

@@ -19,7 +19,7 @@ from .jobs import Prepared, prepare
 from .plan import Windows, rng_for
 from .rows import RowCollator, RowsDataset
 from .scheduler import Scheduler
-from .signals import Refresher, StoreSignals
+from .signals import Refresher, StoreSignals, ValueCache
 from .state_io import load_state, save_state
 from .strategies import DecisionContext, registry_for
 from .trainer import FlexfeedCallback, FlexfeedTrainer, FlexRun, write_jsonl
@@ -107,6 +107,7 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer_ref: dict = {}
+    value_cache = ValueCache()
     # refreshed signals belong to this run (its output folder), so runs sharing a store never mix them
     run_id = stable_hash({"run": str(out_dir.resolve())})
 
@@ -126,7 +127,7 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
                                       max_staleness=cfg.refresh.max_staleness, rank=acc.process_index,
                                       world_size=acc.num_processes, barrier=acc.wait_for_everyone,
                                       gather_params=_zero3_gather(trainer), run_id=run_id)
-            source = StoreSignals(cfg, p, step, refresher)
+            source = StoreSignals(cfg, p, step, refresher, cache=value_cache)
             needs = strategy.needs()
             if cfg.refresh.signals:
                 needs = [nd for nd in needs if nd.name in cfg.refresh.signals or not nd.refresh]

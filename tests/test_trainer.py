@@ -143,12 +143,14 @@ def test_refresh_recomputes_exactly_the_stale_shards(run_cfg, tmp_path):
     sig.write_shard(1, values, version=9)
     sig.write_shard(3, stage.compute(p.train.rows(*sig.shard_range(3))), version=9)
     before = {s: r.generation for s, r in sig.records().items()}
-    info = Refresher(model=model, tokenizer=p.tokenizer, max_staleness=2).refresh(stage, p.train, p.train_store, 10)
+    info, _ = Refresher(model=model, tokenizer=p.tokenizer, max_staleness=2).refresh(stage, p.train, p.train_store,
+                                                                                      10)
     after = {s: r.generation for s, r in sig.records().items()}
     assert info["stale"] == 2
     assert sorted(s for s in after if after[s] != before[s]) == [0, 2]
     assert all(sig.record(s).version == 10 for s in (0, 2))
-    info = Refresher(model=model, tokenizer=p.tokenizer, max_staleness=2).refresh(stage, p.train, p.train_store, 10)
+    info, _ = Refresher(model=model, tokenizer=p.tokenizer, max_staleness=2).refresh(stage, p.train, p.train_store,
+                                                                                      10)
     assert info["stale"] == 0
 
 
@@ -167,8 +169,56 @@ def test_less_with_refresh_recomputes_gradients_with_the_live_model(run_cfg, tmp
     assert [r["grads/train"]["stale"] for r in refreshed] == [4, 4]
     assert [r["grads_sgd/target"]["stale"] for r in refreshed] == [1, 1]
     p = prepare(cfg)
-    run_sigs = [s for s in p.train_store.signals() if "run" in s.meta.spec]
+    from store.hashing import stable_hash
+
+    run_id = stable_hash({"run": str(tmp_path.resolve())})
+    run_sigs = [s for s in p.train_store.signals() if s.meta.spec.get("run") == run_id]
     assert run_sigs and {r.version for r in run_sigs[0].records().values()} == {8}
     offline = [s for s in p.train_store.signals() if s.name == run_sigs[0].name and "run" not in s.meta.spec
                and s.records()]
     assert offline and all({r.version for r in s.records().values()} == {0} for s in offline)  # untouched
+
+
+@pytest.mark.parametrize("component,args", [
+    ("static", ["component_args.proportions=stratified"]),
+    ("random", []),
+    ("doremi", []),
+    ("odm", []),
+])
+def test_each_mixer_trains_end_to_end(run_cfg, tmp_path, component, args):
+    path, _ = run_cfg
+    cfg = load_config(path, [f"output_dir={tmp_path}", "train_type=mix", f"component={component}", *args,
+                             "warmup_step=4", "update_step=4", "loss.signal=ref_loss"])
+    if component == "doremi":
+        run_stage_job(cfg, "loss", progress=False)  # reference losses (here: the initial model)
+    summary = train(cfg)
+    decisions = [json.loads(x) for x in (tmp_path / "flexfeed_decisions.jsonl").read_text().splitlines()]
+    for d in decisions:
+        assert sum(d["proportions"].values()) == pytest.approx(1.0)
+        assert sum(d["per_domain"].values()) == 16
+    assert set(summary["final_weights"]) == {"a", "b"}
+    if component == "static":
+        assert decisions[1]["proportions"] == pytest.approx({"a": 40 / 64, "b": 24 / 64})
+    if component == "doremi":
+        written = json.loads((tmp_path / "domain_weights.json").read_text())["domain_weights"]
+        assert written == pytest.approx(summary["final_weights"])
+
+
+@pytest.mark.parametrize("component,args", [
+    ("loss", ["component_args.strategy=linupper"]),
+    ("loss", ["component_args.strategy=uniform"]),
+    ("loss", ["component_args.strategy=quadratic"]),
+    ("loss", ["component_args.strategy=extremes"]),
+    ("adapt", []),
+])
+def test_each_weighter_trains_end_to_end(run_cfg, tmp_path, component, args):
+    path, _ = run_cfg
+    cfg = load_config(path, [f"output_dir={tmp_path}", "train_type=weight", f"component={component}", *args,
+                             "warmup_step=4", "update_step=4"])
+    train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "flexfeed_weights.jsonl").read_text().splitlines()]
+    assert len(records) == 12
+    for r in records:
+        assert np.mean(r["weights"]) == pytest.approx(1.0, abs=1e-4)
+    if args == ["component_args.strategy=uniform"]:
+        assert all(w == pytest.approx(1.0) for r in records for w in r["weights"])
