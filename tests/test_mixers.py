@@ -116,14 +116,14 @@ def test_doremi_update_follows_the_formula_step_by_step():
     np.testing.assert_allclose(mixer.proportions(ctx), a1)
     np.testing.assert_allclose(ctx.log["doremi/excess"], ex1)
 
-    # update 2: only the new batch counts (rows 9 math, 3 code)
+    # update 2: only the new batch counts (rows 9 math, 3 code); prose got no rows and keeps its last excess
     mixer.observe(np.array([2, 0]), np.array([1.4, 2.0]), np.array([9, 3]), step=3)
-    ex2 = [0.0, 0.0, 0.4]
+    ex2 = [0.0, 0.9, 0.4]
     p2 = a1 * np.exp(eta * np.array(ex2))
     a2 = (1 - eps) * p2 / p2.sum() + eps / 3
     np.testing.assert_allclose(mixer.proportions(ctx), a2)
 
-    # update 3: two math samples average their excess
+    # update 3: two math samples average their excess; code got no rows and keeps its last (0.0)
     mixer.observe(np.array([2, 2, 1]), np.array([2.0, 1.0, 1.0]), np.array([9, 9, 7]), step=4)
     ex3 = [0.0, 0.0, (1.0 + 0.0) / 2]
     p3 = a2 * np.exp(eta * np.array(ex3))
@@ -341,3 +341,27 @@ def test_mixer_in_the_scheduler_resumes_to_the_same_plans(name, args):
     assert props and all(math.isclose(sum(p.values()), 1.0) for p in props)
     if name == "doremi":  # the domain with the largest excess over its reference gains weight
         assert props[-1]["math"] > props[-1]["code"]
+
+
+def test_doremi_keeps_the_last_excess_of_a_domain_that_got_no_rows():
+    """A domain absent from a window must not read as 'no excess' (that would lock it out)."""
+    import numpy as np
+
+    from pipeline.strategies import MIXERS
+    from pipeline.strategies.context import DecisionContext, InMemorySignals
+    from pipeline.strategies.mixers.doremi import doremi_step
+
+    mixer = MIXERS.build("doremi", {"reweight_eta": 1.0, "reweight_eps": 0.0})
+    ref = np.zeros(4)
+    ctx = DecisionContext(step=0, num_rows=4, domain_ids=np.array([0, 0, 1, 1]), domain_names=["x", "y"],
+                          rng=np.random.default_rng(0), signals=InMemorySignals({"ref_loss": ref}))
+    mixer.observe(np.array([0, 1]), np.array([1.0, 2.0]), np.array([0, 2]), step=0)
+    a1 = mixer.proportions(ctx)
+    np.testing.assert_allclose(a1, doremi_step(np.array([0.5, 0.5]), np.array([1.0, 2.0]), 1.0, 0.0))
+    mixer.observe(np.array([0]), np.array([0.5]), np.array([1]), step=1)  # domain y got no rows
+    a2 = mixer.proportions(ctx)
+    np.testing.assert_allclose(a2, doremi_step(a1, np.array([0.5, 2.0]), 1.0, 0.0))
+    state = mixer.state_dict()
+    again = MIXERS.build("doremi", {"reweight_eta": 1.0, "reweight_eps": 0.0})
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(again.last_excess, mixer.last_excess)

@@ -76,6 +76,7 @@ class DoReMiMixer(Mixer):
         self.alpha_sum: np.ndarray | None = None  # sum of alpha_1..alpha_T, for the average
         self.num_updates = 0
         self.domain_names: list[str] = []
+        self.last_excess: np.ndarray | None = None  # per domain, carried over for unsampled domains
 
     def needs(self) -> list[SignalNeed]:
         """The reference model's per-sample losses, computed once offline."""
@@ -109,6 +110,12 @@ class DoReMiMixer(Mixer):
         if not self._buffer:  # nothing observed: no evidence, no step (the average is not diluted either)
             return self.alpha.copy()
         excess, counts = self._excess(ctx)
+        # A domain the sampler gave no rows since the last decision keeps its last measured excess:
+        # counting it as 0 would lock it out (its weight only shrinks, so it is never sampled again).
+        if self.last_excess is None:
+            self.last_excess = np.zeros(k)
+        excess = np.where(counts > 0, excess, self.last_excess)
+        self.last_excess = excess.copy()
         self.alpha = doremi_step(self.alpha, excess, self.params.reweight_eta, self.params.reweight_eps)
         self.alpha_sum += self.alpha
         self.num_updates += 1
@@ -152,6 +159,7 @@ class DoReMiMixer(Mixer):
             "alpha_sum": None if self.alpha_sum is None else self.alpha_sum.copy(),
             "num_updates": self.num_updates,
             "domain_names": list(self.domain_names),
+            "last_excess": None if self.last_excess is None else self.last_excess.copy(),
             "buffer_domains": domains, "buffer_losses": losses, "buffer_rows": rows,
         }
 
@@ -160,5 +168,7 @@ class DoReMiMixer(Mixer):
         self.alpha_sum = None if state.get("alpha_sum") is None else np.array(state["alpha_sum"], dtype=np.float64)
         self.num_updates = int(state.get("num_updates", 0))
         self.domain_names = list(state.get("domain_names", []))
+        last = state.get("last_excess")
+        self.last_excess = None if last is None else np.array(last, dtype=np.float64)
         batch = as_batch(state["buffer_domains"], state["buffer_losses"], state["buffer_rows"])
         self._buffer = [batch] if len(batch[0]) else []
