@@ -46,7 +46,7 @@ SIZES = {
 RUNS = [
     ("static", ["train_type=static"]),
     ("select_random", ["train_type=select", "component=random"]),
-    ("select_less", ["train_type=select", "component=less"]),
+    ("select_less", ["train_type=select", "component=less", "refresh.max_staleness=25"]),
     ("select_near", ["train_type=select", "component=near"]),
     ("mix_doremi", ["train_type=mix", "component=doremi", "component_args.reweight_eta=1.0"]),
     ("mix_odm", ["train_type=mix", "component=odm"]),

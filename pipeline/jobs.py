@@ -70,7 +70,12 @@ def stages_for(cfg, name: str, split: str) -> list[Stage]:
         return [grads_stage(cfg, cfg.grads.grad_type, ck) for ck in checkpoints_of(cfg)]
     if name == "grads_sgd":
         return [grads_stage(cfg, "sgd", ck) for ck in checkpoints_of(cfg)]
-    raise FlexfeedError(f"no stage produces signal {name!r}", "signals are embed, loss, ref_loss, grads, grads_sgd")
+    if name == "grads_nice":
+        from stages.grads.nice import NiceTargetStage
+
+        return [NiceTargetStage(cfg.model, cfg.grads, ck) for ck in checkpoints_of(cfg)]
+    raise FlexfeedError(f"no stage produces signal {name!r}",
+                        "signals are embed, loss, ref_loss, grads, grads_sgd, grads_nice")
 
 
 def run_stage_job(cfg, which: str, *, progress: bool = True, prepared: Prepared | None = None) -> list[RunResult]:
@@ -97,6 +102,8 @@ def run_stage_job(cfg, which: str, *, progress: bool = True, prepared: Prepared 
             plan += [(s, p.train, p.train_store) for s in stages_for(cfg, "grads", "train")]
             if p.target is not None:
                 plan += [(s, p.target, p.target_store) for s in stages_for(cfg, "grads_sgd", "target")]
+                if str(getattr(cfg.flex, "component", "") or "") == "nice":
+                    plan += [(s, p.target, p.target_store) for s in stages_for(cfg, "grads_nice", "target")]
         for stage, data, store in plan:
             results.append(run_stage(stage, data, store, cfg.runner, progress=progress))
     return results

@@ -115,6 +115,14 @@ class GradsArgs:
     """Rows per batched backward."""
     dtype: str = "float16"
     """Storage dtype of the features."""
+    nice_num_samples: int = 4
+    """NICE: completions sampled per target prompt for its policy-gradient feature (at least 2)."""
+    nice_temperature: float = 1.0
+    """NICE: sampling temperature of those completions (plain sampling, no top-k/top-p)."""
+    nice_max_new_tokens: int = 32
+    """NICE: most tokens generated per completion."""
+    nice_reward: str = "stages.grads.rewards:token_f1"
+    """NICE: reward function `package.module:function`, reward(prompt_ids, completion_ids, reference_ids) -> float."""
 
 
 @dataclass(kw_only=True)

@@ -1,6 +1,6 @@
 """Built-in selectors; importing this package registers them with `SELECTORS`."""
 
-from . import cluster, delta_loss, less, loss_buckets, near, random_rows, tsds
+from . import cluster, delta_loss, less, loss_buckets, near, nice, random_rows, tsds
 from .cluster import ClusterSelector
 from .delta_loss import DeltaLossSelector
 from .less import LessSelector, less_scores
