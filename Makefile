@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-setup
-CONFIG ?= configs/demo_stages.yaml
+CONFIG ?= configs/demo/base.yaml
 # One torch thread per process: the machines this runs on have two cores and
 # oversubscription costs an order of magnitude.
 export OMP_NUM_THREADS ?= 1

@@ -77,7 +77,7 @@ def check_grads() -> None:
         return
     gpu_model = gbench.build_model().cuda()
     got = per_sample_grads(gpu_model, {k: v.cuda() for k, v in batch.items()})
-    err = max(float(((got[n].cpu() - ref[n]).abs().max() / ref[n].abs().max().clamp(min=1e-30))) for n in ref)
+    err = max(float((got[n].cpu() - ref[n]).abs().max() / ref[n].abs().max().clamp(min=1e-30)) for n in ref)
     RESULT["grads_max_rel_err"] = err
     say(f"grads CUDA vs CPU: max relative error {err:.2e} (float32)")
     # throughput: this stage on the GPU against the LESS-style loop on the GPU, 256 rows, proj_dim 8192

@@ -48,9 +48,12 @@ def load_config(path, overrides: Sequence[str] = (), *, training: bool = True,
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FlexfeedError(f"cannot read config {str(path)!r}: {exc.strerror}", "check the path") from None
+    except UnicodeDecodeError as exc:
+        raise FlexfeedError(f"config {str(path)!r} is not UTF-8 text (byte {exc.start})",
+                            "save the YAML file as UTF-8") from None
     raw = parse_yaml_text(text, str(path))
     if raw is None:
         raise FlexfeedError(f"config {str(path)!r} is empty", "write at least model_name_or_path, dataset, output_dir")

@@ -57,6 +57,8 @@ def parse_yaml_text(text: str, where: str):
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise FlexfeedError(f"malformed YAML in {where}{line}: {problem}",
                             "fix the syntax there (indentation, a missing ':' or quote)") from None
+    except RecursionError:
+        raise FlexfeedError(f"YAML in {where} is nested too deeply", "a run config is flat key: value lines") from None
 
 
 def _type_name(annotation) -> str:
@@ -138,6 +140,8 @@ def check_range(value, where: str, *, low=None, high=None, low_open: bool = Fals
     """Refuse a number outside [low, high] (or (low, high] when low_open); values in `allow` pass."""
     if value is None or value in allow or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
+    if value != value:  # NaN passes every comparison below
+        raise FlexfeedError(f"{where} is NaN", "write a number")
     if low is not None and (value <= low if low_open else value < low):
         bound = f"> {low}" if low_open else f">= {low}"
         raise FlexfeedError(f"{where} must be {bound}, got {value!r}", f"write a value {bound}")

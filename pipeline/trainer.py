@@ -40,9 +40,17 @@ class FlexfeedTrainer(Trainer):
     def __init__(self, *args, flex: FlexRun | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.flex = flex or FlexRun("static")
+        self._logged_decisions = 0
         if self.flex.kind == "weight":
             # our weighted loss is a per-batch mean: let Trainer divide it by the accumulation steps
             self.loss_is_scaled_for_ga = False
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Add the decisions made since the last log (counts, proportions, scores, refresh) to it."""
+        if self.flex.scheduler is not None and "loss" in logs:
+            logs.update(decision_logs(self.flex.scheduler.decisions[self._logged_decisions :]))
+            self._logged_decisions = len(self.flex.scheduler.decisions)
+        super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.flex.scheduler is None:
@@ -99,7 +107,6 @@ class FlexfeedCallback(TrainerCallback):
         self.flex = flex
         self.output_dir = Path(output_dir)
         self.is_main = is_main
-        self._logged = 0
 
     def on_save(self, args, state, control, **kwargs):
         if self.flex.scheduler is not None and state.is_world_process_zero:
@@ -108,18 +115,26 @@ class FlexfeedCallback(TrainerCallback):
                 save_state(ckpt, self.flex.scheduler.state_dict())
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.flex.scheduler is None or logs is None:
-            return control
-        decisions = self.flex.scheduler.decisions
-        for record in decisions[self._logged :]:
-            if record.get("decision"):
-                for name, count in record.get("per_domain", {}).items():
-                    logs[f"flexfeed/{name}_count"] = count
-                for name, p in record.get("proportions", {}).items():
-                    logs[f"flexfeed/{name}_proportion"] = p
-        self._logged = len(decisions)
-        return control
+
+def decision_logs(records: list[dict]) -> dict:
+    """Flat `flexfeed/...` numbers of decision records, for the Trainer's log and its reporters."""
+    logs: dict = {}
+    for record in records:
+        if not record.get("decision"):
+            continue
+        for name, count in record.get("per_domain", {}).items():
+            logs[f"flexfeed/{name}_count"] = count
+        for name, p in record.get("proportions", {}).items():
+            logs[f"flexfeed/{name}_proportion"] = p
+        info = record.get("info", {})
+        for key in ("score_mean", "score_std", "score_min", "score_max"):
+            if isinstance(info.get(key), (int, float)):
+                logs[f"flexfeed/{key}"] = info[key]
+        for signal, r in record.get("refresh", {}).items():
+            logs[f"flexfeed/refresh_{signal.replace('/', '_')}_shards"] = r.get("stale", 0)
+            logs[f"flexfeed/refresh_{signal.replace('/', '_')}_seconds"] = r.get("seconds", 0.0)
+        logs["flexfeed/decision_seconds"] = record.get("seconds", 0.0)
+    return logs
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

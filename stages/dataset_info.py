@@ -63,6 +63,10 @@ def read_info(dataset_dir: str | Path) -> dict:
     except json.JSONDecodeError as exc:
         raise FlexfeedError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
                             "fix the JSON syntax of dataset_info.json") from None
+    except UnicodeDecodeError as exc:
+        raise FlexfeedError(f"{path}: not UTF-8 text (byte {exc.start})", "save dataset_info.json as UTF-8") from None
+    except RecursionError:
+        raise FlexfeedError(f"{path}: JSON nested too deeply", "fix the JSON of dataset_info.json") from None
     if not isinstance(info, dict):
         raise FlexfeedError(f"{path}: top level must be an object mapping dataset names to entries",
                             'write {"my_data": {"file_name": "my_data.json"}}')

@@ -13,6 +13,7 @@ from pathlib import Path
 from store.errors import FlexfeedError
 
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+CSV_MAX_CELL_CHARS = 2**30  # the csv module's default (128 KiB) refuses long documents
 _JSON_HINT = "a .json file holds a list of objects [{...}, {...}], a .jsonl file one object per line"
 
 
@@ -27,6 +28,10 @@ def _json_error(path: Path, row: int, exc: json.JSONDecodeError) -> FlexfeedErro
         f"{path}, row {row}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
         "fix or remove that row (truncated or unquoted text?); " + _JSON_HINT,
     )
+
+
+def _too_deep(path: Path, row: int) -> FlexfeedError:
+    return FlexfeedError(f"{path}, row {row}: JSON nested too deeply", "rows are flat objects of text columns")
 
 
 def _check_object(path: Path, row: int, obj) -> dict:
@@ -48,6 +53,8 @@ def _read_json_array(path: Path, text: str, start: int) -> list[dict]:
             obj, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError as exc:
             raise _json_error(path, row, exc) from None
+        except RecursionError:
+            raise _too_deep(path, row) from None
         rows.append(_check_object(path, row, obj))
         i = _skip_ws(text, i)
         if i < len(text) and text[i] == ",":
@@ -76,6 +83,8 @@ def _read_json_lines(path: Path, text: str) -> list[dict]:
                                     _JSON_HINT) from None
             exc.lineno = lineno
             raise _json_error(path, row, exc) from None
+        except RecursionError:
+            raise _too_deep(path, row) from None
         rows.append(_check_object(path, row, obj))
     return rows
 
@@ -95,17 +104,24 @@ def read_json(path: Path) -> list[dict]:
 def read_csv(path: Path) -> list[dict]:
     """Rows of a CSV file with a header; every cell is text, empty cells are None."""
     # the stdlib reader keeps every cell a string, so "42" in an answer column stays text
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None:
-            return []
-        rows = []
-        for row_no, row in enumerate(reader, start=1):
-            if None in row:
-                raise FlexfeedError(f"{path}, row {row_no}: more cells than header columns",
-                                    "quote cells that contain commas")
-            rows.append({k: (v if v != "" else None) for k, v in row.items()})
-        return rows
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_MAX_CELL_CHARS))  # long documents are rows too
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None:
+                return []
+            for row_no, row in enumerate(reader, start=1):
+                if None in row:
+                    raise FlexfeedError(f"{path}, row {row_no}: more cells than header columns",
+                                        "quote cells that contain commas")
+                rows.append({k: (v if v != "" else None) for k, v in row.items()})
+    except UnicodeDecodeError as exc:
+        raise FlexfeedError(f"{path}: not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise FlexfeedError(f"{path}, row {len(rows) + 1}: malformed CSV: {exc}",
+                            "check the quoting of that row") from None
+    return rows
 
 
 def _read_table(path: Path):

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tiny_checkpoint, tmp_path_factory):
     d = tmp_path_factory.mktemp("stage_data")
-    rows = [{"instruction": f"say {i}", "input": "", "output": ("number %d " % i) * (1 + i % 7)} for i in range(37)]
+    rows = [{"instruction": f"say {i}", "input": "", "output": (f"number {i} ") * (1 + i % 7)} for i in range(37)]
     (d / "a.json").write_text(json.dumps(rows))
     (d / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.json"}}))
     margs = ModelArgs(model_name_or_path=str(tiny_checkpoint), finetuning_type="lora", attn_implementation="eager")

@@ -11,8 +11,8 @@ from transformers import TrainerCallback
 
 from pipeline.config import load_config
 from pipeline.jobs import prepare, run_stage_job, stages_for
-from pipeline.trainer import FlexfeedTrainer
 from pipeline.train import train
+from pipeline.trainer import FlexfeedTrainer
 from tests.run_fixtures import make_run_dir
 
 
@@ -222,3 +222,14 @@ def test_each_weighter_trains_end_to_end(run_cfg, tmp_path, component, args):
         assert np.mean(r["weights"]) == pytest.approx(1.0, abs=1e-4)
     if args == ["component_args.strategy=uniform"]:
         assert all(w == pytest.approx(1.0) for r in records for w in r["weights"])
+
+
+def test_decisions_reach_the_trainer_log(run_cfg, tmp_path):
+    path, _ = run_cfg
+    cfg = load_config(path, [f"output_dir={tmp_path}", "train_type=select", "component=loss", "warmup_step=4",
+                             "update_step=4", "logging_steps=1", "refresh.max_staleness=2"])
+    summary = train(cfg)
+    logged = [h for h in summary["log_history"] if "flexfeed/a_count" in h]
+    assert [h["step"] for h in logged] == [4, 8]  # logged with the first step of each decided window
+    assert all(h["flexfeed/a_count"] + h["flexfeed/b_count"] == 16 for h in logged)
+    assert all("flexfeed/score_mean" in h and "flexfeed/refresh_loss_train_shards" in h for h in logged)

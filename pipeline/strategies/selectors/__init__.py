@@ -10,6 +10,7 @@ from .random_rows import RandomSelector
 from .tsds import TsdsSelector, tsds_probabilities
 
 __all__ = [
+    "nice",
     "cluster", "delta_loss", "less", "loss_buckets", "near", "random_rows", "tsds",
     "ClusterSelector", "DeltaLossSelector", "LessSelector", "LossSelector", "NearSelector",
     "RandomSelector", "TsdsSelector", "less_scores", "tsds_probabilities",
