@@ -219,7 +219,22 @@ def test_nice_trains_end_to_end_and_logs_decisions(tiny_checkpoint, tmp_path):
     decisions = [d for d in map(json.loads, lines) if d["decision"]]
     assert [d["step"] for d in decisions] == [4, 8]
     assert all(sum(d["per_domain"].values()) == 16 for d in decisions)
-    # the target policy gradients were missing offline: computed once, at the first decision
-    assert [d["refresh"]["grads_nice/target"]["stale"] for d in decisions] == [1, 0]
+    # the grads stage computed the target policy gradients offline: the decisions read them as stored
+    assert [d["refresh"]["grads_nice/target"]["source"] for d in decisions] == ["offline", "offline"]
     sigs = [s for s in prepare(cfg).target_store.signals() if s.name == "grads_nice"]
-    assert sigs and all(s.meta.spec["nice"]["max_new_tokens"] == 4 for s in sigs)
+    assert sigs and all(s.meta.spec["nice"]["max_new_tokens"] == 4 and s.is_complete() for s in sigs)
+
+
+def test_nice_target_features_missing_offline_are_computed_at_the_first_decision(tiny_checkpoint, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.train import train
+    from tests.run_fixtures import make_run_dir
+
+    path = make_run_dir(tmp_path / "run", tiny_checkpoint)
+    cfg = load_config(path, [f"output_dir={tmp_path / 'out'}", "train_type=select", "component=nice",
+                             "warmup_step=4", "update_step=4", "grads.nice_max_new_tokens=4", "max_steps=8"])
+    train(cfg)
+    lines = (tmp_path / "out" / "flexfeed_decisions.jsonl").read_text().splitlines()
+    decisions = [d for d in map(json.loads, lines) if d["decision"]]
+    assert [d["refresh"]["grads_nice/target"]["stale"] for d in decisions] == [1]
+    assert decisions[0]["refresh"]["grads/train"]["stale"] == 4
