@@ -113,6 +113,11 @@ def parse_entry(dataset_dir: str | Path, info: dict, name: str) -> DatasetSpec:
             f"{info_path}: dataset {name!r} has no file_name" + (f" (only {', '.join(remote)})" if remote else ""),
             "flexfeed reads local files only: download the data and set file_name to its path in dataset_dir",
         )
+    for key in ("file_name", "folder", "split"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise FlexfeedError(f"{info_path}: dataset {name!r}: {key} must be a string, got {entry[key]!r}",
+                                f'write "{key}": "<path relative to dataset_dir>"' if key != "split"
+                                else 'write "split": "train"')
     if entry.get("ranking"):
         raise FlexfeedError(f"{info_path}: dataset {name!r}: ranking (preference) data is not supported",
                             "use pt or sft data; remove 'ranking'")

@@ -25,7 +25,7 @@ _KEY_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
 def check_name(name: str, what: str = "signal name") -> str:
     """Names become path parts: letters, digits, '_', '.', '-' only, no '..'."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise StoreError(
             f"invalid {what} {name!r}",
             "use 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit",
@@ -34,7 +34,7 @@ def check_name(name: str, what: str = "signal name") -> str:
 
 
 def check_key(key: str) -> str:
-    if not isinstance(key, str) or not _KEY_RE.match(key):
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise StoreError(f"invalid signal key {key!r}", "keys are lowercase hex digests")
     return key
 
