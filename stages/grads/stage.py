@@ -89,8 +89,6 @@ class GradsStage(Stage):
         """Load the model (with the checkpoint's adapter), its Adam moments and the projector, once."""
         import torch
 
-        from stages.grads.features import build_projector
-        from stages.grads.precondition import AdamPreconditioner, load_adam_state
         from stages.models import load_model, load_tokenizer
 
         if self._model is not None:
@@ -98,14 +96,7 @@ class GradsStage(Stage):
         model = load_model(self.model_args, trainable=True)
         if torch.cuda.is_available():
             model = model.to("cuda")
-        self._pad_id = load_tokenizer(self.model_args).pad_token_id or 0
-        self._projector = build_projector(model, self.args.proj_dim, proj_type=self.args.proj_type,
-                                          seed=self.args.seed, structure=self.args.proj_structure)
-        if self.args.grad_type == "adam":
-            params = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
-            device = next(model.parameters()).device
-            self._preconditioner = AdamPreconditioner(load_adam_state(self.checkpoint, params), device=device)
-        self._model = model
+        self.bind_model(model, load_tokenizer(self.model_args))
 
     def bind_model(self, model, tokenizer) -> None:
         """Compute with an already-loaded (training) model: same projection, the checkpoint's Adam moments."""
