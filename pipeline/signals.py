@@ -35,9 +35,13 @@ def run_signal(stage, store, run_id: str):
 
 
 def seed_from(sig, base) -> None:
-    """Copy the offline signal's committed shards (with their versions) into an empty run signal."""
+    """Copy the offline signal's committed shards into an empty run signal, as of the run's step 0.
+
+    Offline versions count steps of whatever produced them (e.g. a warm-up run's checkpoint step),
+    not of this run: in the run's copy they start at 0 and age from there.
+    """
     for shard, rec in sorted(base.records().items()):
-        sig.write_shard(shard, base.read_shard(shard), version=rec.version, model=rec.model, lock_timeout_s=600)
+        sig.write_shard(shard, base.read_shard(shard), version=0, model=rec.model, lock_timeout_s=600)
 
 
 @dataclass

@@ -233,3 +233,23 @@ def test_decisions_reach_the_trainer_log(run_cfg, tmp_path):
     assert [h["step"] for h in logged] == [4, 8]  # logged with the first step of each decided window
     assert all(h["flexfeed/a_count"] + h["flexfeed/b_count"] == 16 for h in logged)
     assert all("flexfeed/score_mean" in h and "flexfeed/refresh_loss_train_shards" in h for h in logged)
+
+
+def test_offline_versions_start_at_step_zero_in_the_run(run_cfg, tmp_path):
+    """A shard stamped with a warm-up checkpoint's step (20) is fresh at this run's step 4, stale at 25."""
+    from pipeline.signals import Refresher
+    from stages.models import load_model
+
+    path, _ = run_cfg
+    cfg = load_config(path, [f"store={tmp_path / 'store'}"])
+    p = prepare(cfg, need_target=False)
+    stage = stages_for(cfg, "loss", "train")[0]
+    desc = stage.signal()
+    base = p.train_store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
+    for shard in range(base.num_shards):
+        base.write_shard(shard, stage.compute(p.train.rows(*base.shard_range(shard))), version=20)
+    refresher = Refresher(model=load_model(cfg.model), tokenizer=p.tokenizer, max_staleness=10, run_id="r1")
+    info, sig = refresher.refresh(stage, p.train, p.train_store, 4)
+    assert info["stale"] == 0 and {r.version for r in sig.records().values()} == {0}
+    info, sig = refresher.refresh(stage, p.train, p.train_store, 25)
+    assert info["stale"] == base.num_shards and {r.version for r in sig.records().values()} == {25}
