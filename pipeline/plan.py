@@ -42,6 +42,12 @@ class Windows:
             return 1
         return 1 + -(-(self.max_steps - self.warmup_step) // self.update_step)
 
+    def window_of(self, step: int) -> int:
+        """The window a training step belongs to."""
+        if step < self.warmup_step:
+            return 0
+        return 1 + (step - self.warmup_step) // self.update_step
+
     def is_decision(self, w: int) -> bool:
         """Window w >= 1 starts with a decision while update_times allows."""
         return w >= 1 and (self.update_times is None or w <= self.update_times)

@@ -106,6 +106,13 @@ class Scheduler:
             self.on_decision(record)
         return plan
 
+    def proportions_of_window(self, w: int) -> np.ndarray | None:
+        """The proportions window w was drawn with (mix runs), or None when not recorded."""
+        for record in reversed(self.decisions):
+            if record["window"] == w and "proportions" in record:
+                return np.array([record["proportions"][n] for n in self.domain_names], dtype=np.float64)
+        return None
+
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict:
         return {

@@ -74,6 +74,9 @@ class FlexfeedTrainer(Trainer):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             per, _ = per_sample_loss(outputs.logits.detach(), inputs["labels"])
             g_loss, g_rows, g_dom = self._gather(per, rows, domains)
+            sched = self.flex.scheduler
+            # the proportions this batch was actually drawn with (a decision may already be ahead of it)
+            self.flex.mixer.drawn_with = sched.proportions_of_window(sched.windows.window_of(self.state.global_step))
             self.flex.mixer.observe(g_dom, g_loss, g_rows, self.state.global_step)
             self.flex.mix_log.append({"step": self.state.global_step,
                                       "domain_loss": _domain_means(g_loss, g_dom)})

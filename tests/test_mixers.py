@@ -365,3 +365,24 @@ def test_doremi_keeps_the_last_excess_of_a_domain_that_got_no_rows():
     again = MIXERS.build("doremi", {"reweight_eta": 1.0, "reweight_eps": 0.0})
     again.load_state_dict(state)
     np.testing.assert_array_equal(again.last_excess, mixer.last_excess)
+
+
+def test_odm_importance_weights_use_the_proportions_a_batch_was_drawn_with():
+    """The trainer tells the mixer which proportions drew each batch; ODM divides by those."""
+    import numpy as np
+
+    from pipeline.strategies import MIXERS
+    from pipeline.strategies.context import DecisionContext, InMemorySignals
+
+    ctx = DecisionContext(step=0, num_rows=4, domain_ids=np.array([0, 0, 1, 1]), domain_names=["x", "y"],
+                          rng=np.random.default_rng(0), signals=InMemorySignals())
+    a = MIXERS.build("odm", {"alpha": 0.5})
+    b = MIXERS.build("odm", {"alpha": 0.5})
+    a.proportions(ctx)
+    b.proportions(ctx)
+    b.drawn_with = np.array([0.8, 0.2])
+    batch = (np.array([0, 1]), np.array([1.0, 1.0]), np.array([0, 2]))
+    a.observe(*batch, step=0)
+    b.observe(*batch, step=0)
+    np.testing.assert_allclose(a.r_hat, 0.5 * np.array([1 / 0.5, 1 / 0.5]))
+    np.testing.assert_allclose(b.r_hat, 0.5 * np.array([1 / 0.8, 1 / 0.2]))

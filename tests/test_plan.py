@@ -115,3 +115,14 @@ def test_selector_returning_bad_rows_is_a_clear_error():
     s.plan(0)
     with pytest.raises(FlexfeedError, match="outside"):
         s.plan(1)
+
+
+def test_window_of_step_and_recorded_proportions():
+    w = Windows(global_batch=4, max_steps=23, warmup_step=5, update_step=6, update_times=None)
+    assert [w.window_of(s) for s in (0, 4, 5, 10, 11, 22)] == [0, 0, 1, 1, 2, 3]
+    s = _scheduler("mix", FavourLast(), n=400, max_steps=30)
+    s.plan(0)
+    s.plan(1)
+    assert s.proportions_of_window(0).tolist() == [0.5, 0.5]
+    assert s.proportions_of_window(1).tolist() == [0.25, 0.75]
+    assert s.proportions_of_window(2) is None

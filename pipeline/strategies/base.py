@@ -80,6 +80,10 @@ class Mixer(Strategy):
 
     family = "mix"
 
+    #: Set by the trainer before each observe(): the proportions the observed batch was drawn with
+    #: (None outside a trainer). Data loaders fetch ahead, so this can differ from the latest decision.
+    drawn_with: np.ndarray | None = None
+
     def observe(self, domains: np.ndarray, losses: np.ndarray, rows: np.ndarray, step: int) -> None:
         """Per-sample token-mean losses of one (global) training batch, with each row's domain."""
 

@@ -85,7 +85,9 @@ class ODMMixer(Mixer):
         check_domain_ids(domains, k)
         rewards, counts = per_domain_mean(losses, domains, k)
         played = counts > 0
-        estimate = self.params.reward_scale * rewards[played] / self.sampling[played]
+        # importance weights use the proportions the batch was drawn with, when the trainer knows them
+        drawn = self.drawn_with if self.drawn_with is not None and len(self.drawn_with) == k else self.sampling
+        estimate = self.params.reward_scale * rewards[played] / drawn[played]
         self.r_hat[played] = self.params.alpha * self.r_hat[played] + (1.0 - self.params.alpha) * estimate
         self.t += 1
         self.policy = exp3_policy(self.r_hat, exploration_rate(self.t, k), exploration_rate(self.t + 1, k))
