@@ -164,3 +164,17 @@ def test_vllm_backend_agrees_with_hf(setup):
     hf = EmbedStage(margs, EmbedArgs(backend="hf")).compute(rows)
     vl = EmbedStage(margs, EmbedArgs(backend="vllm")).compute(rows)
     assert (np.sum(hf * vl, axis=1) >= 0.99).all()
+
+
+def test_each_dask_worker_loads_the_model_once(setup, tmp_path, monkeypatch):
+    from tests.stage_counting import CountingLossStage
+
+    margs, _, data, _ = setup
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # workers import the test stage class
+    log = tmp_path / "setups.txt"
+    store = Store.create(tmp_path / "s", dataset_fingerprint=data.fingerprint, num_rows=len(data), shard_rows=4)
+    stage = CountingLossStage(margs, LossArgs(batch_size=4), log_path=str(log))
+    result = run_stage(stage, data, store, RunnerArgs(n_workers=2), progress=False)
+    assert len(result.computed) == 10
+    pids = log.read_text().split()
+    assert len(pids) == len(set(pids)) <= 2  # one load per worker process, not one per shard
