@@ -184,8 +184,28 @@ def summarise(out: Path, summaries: dict, recomputed: int) -> dict:
     summary["val_loss_vs_static"] = {
         name: {d: round(v - static.get(d, float("nan")), 4) for d, v in (losses or {}).items()}
         for name, losses in summary["val_loss"].items() if name != "static"}
+    summary["findings"] = findings(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def findings(summary: dict) -> list[str]:
+    """The demo's results in sentences (the top of report.html)."""
+    share = summary["target_share"]
+    dom = summary["target_domain"]
+    out = [f"Target domain {dom}: {share['random']:.0%} of the rows chosen under random selection, "
+           f"{share['less']:.0%} under less and {share['near']:.0%} under near."]
+    for name, w in summary["final_weights"].items():
+        if w:
+            out.append(f"{name} ended with domain weights " + ", ".join(f"{d} {v:.2f}" for d, v in w.items()) + ".")
+    diffs = summary.get("val_loss_vs_static", {})
+    val = f"{dom}_val"
+    if diffs:
+        out.append(f"Validation loss on {dom} against static: " + ", ".join(
+            f"{run} {d[val]:+.3f}" for run, d in diffs.items() if val in d) + " (negative is better).")
+    out.append("Offline stages recomputed " + (f"{summary['recomputed_shards']} shards." if summary["recomputed_shards"]
+                                                 else "nothing: every signal came from the store."))
+    return out
 
 
 def run_demo(out_dir: str | Path = "demo_out", size: str = "full") -> dict:

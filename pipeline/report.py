@@ -400,7 +400,11 @@ def _summary_section(out_dir: Path) -> Section | None:
                             "fix or remove summary.json") from None
     if not isinstance(data, dict):
         raise FlexfeedError(f"{path}: expected a JSON object of facts", 'write {"target_share": 0.4, ...}')
-    return Section("Summary", _table(["fact", "value"], [[k, v] for k, v in data.items()]))
+    # "findings" (a list of sentences) are shown as text above the table of facts
+    findings = data.get("findings") if isinstance(data.get("findings"), list) else []
+    lead = "".join(f"<p>{html.escape(str(f))}</p>" for f in findings)
+    facts = [[k, v] for k, v in data.items() if k != "findings" or not findings]
+    return Section("Summary", lead + _table(["fact", "value"], facts))
 
 
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}

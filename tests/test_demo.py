@@ -23,6 +23,7 @@ def test_small_demo_end_to_end_and_rerun_reuses_the_store(tmp_path):
     assert set(summary["val_loss"]) >= {"static", "select_less", "mix_doremi", "weight_loss"}
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "data:image/png;base64," in html and "select_less" in html
+    assert summary["findings"][0].startswith("Target domain arithmetic") and summary["findings"][0] in html
     assert json.loads((tmp_path / "demo" / "summary.json").read_text()) == summary
     again = run_demo(tmp_path / "demo", size="small")
     assert again["recomputed_shards"] == 0
