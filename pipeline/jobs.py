@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from stages.args import GradsArgs
 from stages.base import Stage
 from stages.data import TokenizedData, load_data
 from stages.embed import EmbedStage
@@ -128,5 +127,3 @@ def index_job(cfg, p: Prepared) -> list[RunResult]:
                                  skipped=1 if fresh else 0))
     return out
 
-
-_ = GradsArgs

@@ -9,8 +9,8 @@ import numpy as np
 
 from store.errors import FlexfeedError
 
-from .plan import Windows, draw_by_proportions, permutation_slice, rng_for
-from .strategies import DecisionContext, Mixer, Selector, Strategy, Weighter
+from .plan import Windows, draw_by_proportions, permutation_slice
+from .strategies import DecisionContext, Strategy
 
 KINDS = ("static", "select", "mix", "weight")
 
@@ -151,5 +151,3 @@ def _jsonable(obj):
         return obj.item()
     return obj
 
-
-_ = (Mixer, Selector, Weighter, rng_for)

@@ -145,7 +145,7 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
 
     trainer = FlexfeedTrainer(model=model, args=args, train_dataset=RowsDataset(p.train),
                               data_collator=RowCollator(pad_id), processing_class=p.tokenizer, flex=flex,
-                              callbacks=[FlexfeedCallback(flex, args.output_dir, True), *extra_callbacks])
+                              callbacks=[FlexfeedCallback(flex, args.output_dir), *extra_callbacks])
     trainer_ref["trainer"] = trainer
     resume = cfg.training.get("resume_from_checkpoint")
     if resume is True or (isinstance(resume, str) and resume.lower() == "true"):

@@ -104,12 +104,11 @@ def _domain_means(losses: np.ndarray, domains: np.ndarray) -> dict:
 
 
 class FlexfeedCallback(TrainerCallback):
-    """Saves the scheduler/strategy state into every checkpoint and logs decisions."""
+    """Saves the scheduler/strategy state into every checkpoint (decisions are logged by FlexfeedTrainer.log)."""
 
-    def __init__(self, flex: FlexRun, output_dir: str, is_main: bool):
+    def __init__(self, flex: FlexRun, output_dir: str):
         self.flex = flex
         self.output_dir = Path(output_dir)
-        self.is_main = is_main
 
     def on_save(self, args, state, control, **kwargs):
         if self.flex.scheduler is not None and state.is_world_process_zero:

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from transformers import TrainerCallback
 
 from pipeline.config import load_config
@@ -153,8 +152,6 @@ def test_refresh_recomputes_exactly_the_stale_shards(run_cfg, tmp_path):
                                                                                       10)
     assert info["stale"] == 0
 
-
-_ = torch
 
 
 def test_less_with_refresh_recomputes_gradients_with_the_live_model(run_cfg, tmp_path):
