@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stages.base import bind_live_model
+from stages.runner import stage_signal
 from store.errors import FlexfeedError
 from store.faiss_index import load_index
 
@@ -16,12 +17,6 @@ from .jobs import Prepared, stages_for
 from .strategies import SignalNeed
 
 LOSS_SIGNALS = ("loss", "ref_loss")
-
-
-def base_signal(stage, store):
-    """The offline, content-keyed signal a stage produces."""
-    desc = stage.signal()
-    return store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
 
 
 def run_signal(stage, store, run_id: str):
@@ -65,7 +60,7 @@ class Refresher:
     def refresh(self, stage, data, store, step: int):
         """Make the stage's signal fresh for `step`; returns (info, the signal to read)."""
         t0 = time.perf_counter()
-        base = base_signal(stage, store)
+        base = stage_signal(stage, store)
         if self.max_staleness is None and base.is_complete():
             # nothing can go stale: read the offline signal as it is, no copy
             return {"stale": 0, "recomputed_here": 0, "seconds": 0.0, "source": "offline"}, base
@@ -123,8 +118,11 @@ class StoreSignals:
     """Signals of the train/target stores for one decision (refreshed before it, then read-only)."""
 
     def __init__(self, cfg, prepared: Prepared, step: int, refresher: Refresher | None = None,
-                 cache: ValueCache | None = None):
+                 cache: ValueCache | None = None, stages: dict | None = None):
         self.cfg = cfg
+        # stage objects per (signal, split), shared across a run's decisions: building one hashes the
+        # model and checkpoint files its key depends on, which must not happen at every decision
+        self.stages = stages if stages is not None else {}
         self.p = prepared
         self.step = step
         self.refresher = refresher
@@ -146,12 +144,12 @@ class StoreSignals:
         for need in needs:
             data, store = self._split(need.split)
             chosen = []
-            for stage in stages_for(self.cfg, need.name, need.split):
+            for stage in self._stages(need.name, need.split):
                 if need.refresh and self.refresher is not None:
                     info, sig = self.refresher.refresh(stage, data, store, self.step)
                     self.log.setdefault("refresh", {})[f"{need.name}/{need.split}"] = info
                 else:
-                    sig = base_signal(stage, store)
+                    sig = stage_signal(stage, store)
                 chosen.append((stage.signal().spec, sig))
             self._chosen[(need.name, need.split)] = chosen
 
@@ -159,8 +157,13 @@ class StoreSignals:
         key = (name, split)
         if key not in self._chosen:
             _, store = self._split(split)
-            self._chosen[key] = [(s.signal().spec, base_signal(s, store)) for s in stages_for(self.cfg, name, split)]
+            self._chosen[key] = [(s.signal().spec, stage_signal(s, store)) for s in self._stages(name, split)]
         return self._chosen[key]
+
+    def _stages(self, name: str, split: str) -> list:
+        if (name, split) not in self.stages:
+            self.stages[(name, split)] = stages_for(self.cfg, name, split)
+        return self.stages[(name, split)]
 
     def get(self, name: str, split: str = "train") -> np.ndarray:
         return self.cache.get(self._signals(name, split)[-1][1], name)

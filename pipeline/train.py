@@ -108,6 +108,7 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer_ref: dict = {}
     value_cache = ValueCache()
+    run_stages: dict = {}  # stage objects of the signals the strategy reads, built once per run
     # refreshed signals belong to this run (its output folder), so runs sharing a store never mix them
     run_id = stable_hash({"run": str(out_dir.resolve())})
 
@@ -127,7 +128,7 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
                                       max_staleness=cfg.refresh.max_staleness, rank=acc.process_index,
                                       world_size=acc.num_processes, barrier=acc.wait_for_everyone,
                                       gather_params=_zero3_gather(trainer), run_id=run_id)
-            source = StoreSignals(cfg, p, step, refresher, cache=value_cache)
+            source = StoreSignals(cfg, p, step, refresher, cache=value_cache, stages=run_stages)
             needs = strategy.needs()
             if cfg.refresh.signals:
                 needs = [nd for nd in needs if nd.name in cfg.refresh.signals or not nd.refresh]

@@ -79,11 +79,16 @@ def default_workers(args: RunnerArgs) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, args.threads_per_worker))
 
 
+def stage_signal(stage: Stage, store: Store):
+    """The store signal a stage writes (created empty if new)."""
+    desc = stage.signal()
+    return store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
+
+
 def plan_shards(stage: Stage, store: Store, *, version: int | None = None, max_staleness: int | None = None,
                 shards: list[int] | None = None):
     """The signal and the shards a run must compute (missing, or stale under the policy)."""
-    desc = stage.signal()
-    sig = store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
+    sig = stage_signal(stage, store)
     todo = sig.stale_shards(version, max_staleness)
     if shards is not None:
         wanted = set(shards)
