@@ -75,19 +75,25 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _read_json_object(path: Path, bad_json_hint: str, not_object: str, not_object_hint: str) -> dict:
+    """A JSON file that must hold one object; a clear error naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FlexfeedError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}", bad_json_hint) from None
+    if not isinstance(data, dict):
+        raise FlexfeedError(f"{path}: {not_object}", not_object_hint)
+    return data
+
+
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory written by `flexfeed train`."""
     path = Path(run_dir)
     run_file = path / RUN_FILE
     if not run_file.is_file():
         raise FlexfeedError(f"no {RUN_FILE} in {path}", "pass a run directory written by `flexfeed train`")
-    try:
-        run = json.loads(run_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FlexfeedError(f"{run_file}: invalid JSON at line {exc.lineno}: {exc.msg}",
-                            "the run did not finish writing it: rerun training") from None
-    if not isinstance(run, dict):
-        raise FlexfeedError(f"{run_file}: expected a JSON object", "pass a run directory written by `flexfeed train`")
+    run = _read_json_object(run_file, "the run did not finish writing it: rerun training",
+                            "expected a JSON object", "pass a run directory written by `flexfeed train`")
     return RunData(path=path, run=run, decisions=_read_jsonl(path / DECISIONS_FILE),
                    weights=_read_jsonl(path / WEIGHTS_FILE), mix=_read_jsonl(path / MIX_FILE))
 
@@ -393,13 +399,8 @@ def _summary_section(out_dir: Path) -> Section | None:
     path = out_dir / SUMMARY_FILE
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FlexfeedError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}",
-                            "fix or remove summary.json") from None
-    if not isinstance(data, dict):
-        raise FlexfeedError(f"{path}: expected a JSON object of facts", 'write {"target_share": 0.4, ...}')
+    data = _read_json_object(path, "fix or remove summary.json", "expected a JSON object of facts",
+                             'write {"target_share": 0.4, ...}')
     # "findings" (a list of sentences) are shown as text above the table of facts
     findings = data.get("findings") if isinstance(data.get("findings"), list) else []
     lead = "".join(f"<p>{html.escape(str(f))}</p>" for f in findings)
