@@ -37,16 +37,17 @@ class LessParams:
             raise ValueError(f"task_reduce must be 'max' or 'mean', got {self.task_reduce!r}")
 
 
-def checkpoint_pairs(ctx) -> list[tuple[float, np.ndarray, np.ndarray]]:
+def checkpoint_pairs(ctx, target_signal: str = "grads_sgd") -> list[tuple[float, np.ndarray, np.ndarray]]:
     """(lr, train features, target features) per checkpoint, paired in the stores' variant order."""
     train = ctx.signals.get_all("grads", "train")
-    target = ctx.signals.get_all("grads_sgd", "target")
+    target = ctx.signals.get_all(target_signal, "target")
     if not train:
         raise FlexfeedError("signal 'grads' of the train split has no variants", "run the grads stage")
     if len(target) == 1 and len(train) > 1:
         target = target * len(train)  # one target gradient set serves every checkpoint
     if len(target) != len(train):
-        raise FlexfeedError(f"'grads' has {len(train)} checkpoint variants but 'grads_sgd' (target) has {len(target)}",
+        raise FlexfeedError(f"'grads' has {len(train)} checkpoint variants but {target_signal!r} (target) has "
+                            f"{len(target)}",
                             "compute target gradients at the same checkpoints as the train gradients")
     pairs = []
     for (meta, g_train), (_, g_target) in zip(train, target):
@@ -56,15 +57,17 @@ def checkpoint_pairs(ctx) -> list[tuple[float, np.ndarray, np.ndarray]]:
         g_train = check_rows(np.asarray(g_train), "grads", ctx.num_rows, 2)
         g_target = np.asarray(g_target)
         if g_target.ndim != 2 or g_target.shape[1] != g_train.shape[1]:
-            raise FlexfeedError(f"target 'grads_sgd' has shape {g_target.shape}, train 'grads' {g_train.shape}",
+            raise FlexfeedError(f"target {target_signal!r} has shape {g_target.shape}, train 'grads' {g_train.shape}",
                                 "use the same projection (proj_dim and seed) for train and target gradients")
         pairs.append((float(meta.get("lr", 1.0)), g_train, g_target))
     return pairs
 
 
-def less_scores(ctx, rows: np.ndarray | None = None, task_reduce: str = "max") -> np.ndarray:
-    """LESS score of every train row (or of `rows` only), see the module doc."""
-    pairs = checkpoint_pairs(ctx)
+def less_scores(ctx, rows: np.ndarray | None = None, task_reduce: str = "max",
+                target_signal: str = "grads_sgd") -> np.ndarray:
+    """LESS score of every train row (or of `rows` only), see the module doc; `target_signal` names
+    the target gradients (`grads_sgd`, or NICE's `grads_nice`)."""
+    pairs = checkpoint_pairs(ctx, target_signal)
     num_targets = pairs[0][2].shape[0]
     task_of, tasks = target_tasks(ctx, num_targets)
     per_task = None
@@ -87,14 +90,15 @@ class LessSelector(Selector):
     """Selects the rows whose gradients best align with the target tasks' gradients."""
 
     Params = LessParams
+    target_signal = "grads_sgd"
 
     def needs(self) -> list[SignalNeed]:
-        """Train gradient features per checkpoint and the target set's SGD gradient features."""
-        return list(LESS_NEEDS)
+        """Train gradient features per checkpoint and the target set's gradient features."""
+        return [SignalNeed("grads", "train"), SignalNeed(self.target_signal, "target")]
 
     def select(self, ctx, num_samples: int) -> Selection:
         """The `num_samples` highest-scoring rows (ties by row id; the ranking repeats beyond N)."""
         k = check_count(num_samples, ctx.num_rows)
-        scores = less_scores(ctx, task_reduce=self.params.task_reduce)
+        scores = less_scores(ctx, task_reduce=self.params.task_reduce, target_signal=self.target_signal)
         indices = take_ranked(ranking(scores), k)
         return Selection(indices=indices, scores=scores, info=selection_info(ctx, indices, scores))
