@@ -45,7 +45,7 @@ def store():
 @one_line_errors
 def store_info(path, step, max_staleness, as_json):
     """Show signals, dims, dtypes, shard counts, versions, staleness and size on disk."""
-    from store.maintenance import info
+    from store.maintenance import human_bytes, info
     from store.store import Store
 
     data = info(Store.open(path), step, max_staleness)
@@ -64,9 +64,9 @@ def store_info(path, step, max_staleness, as_json):
         vtext = "-" if not versions else (str(versions[0]) if len(versions) == 1 else f"{versions[0]}..{versions[-1]}")
         table.add_row(s["name"], s["key"], s["dtype"], str(s["dim"] or "-"),
                       f"{s['shards_committed']}/{s['shards_total']}", str(s["shards_stale"]), vtext,
-                      _human_bytes(s["bytes"]), s["index"])
+                      human_bytes(s["bytes"]), s["index"])
     Console().print(table)
-    click.echo(f"total size {_human_bytes(data['bytes'])}, format {data['format_version']}")
+    click.echo(f"total size {human_bytes(data['bytes'])}, format {data['format_version']}")
 
 
 @store.command("verify")
@@ -94,19 +94,11 @@ def store_verify(path):
 @one_line_errors
 def store_gc(path):
     """Remove uncommitted debris (interrupted writes, orphan signals, stale indexes)."""
-    from store.maintenance import gc
+    from store.maintenance import gc, human_bytes
     from store.store import Store
 
     report = gc(Store.open(path))
-    click.echo(f"removed {len(report.removed)} items, freed {_human_bytes(report.bytes_freed)}")
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    click.echo(f"removed {len(report.removed)} items, freed {human_bytes(report.bytes_freed)}")
 
 
 # --------------------------------------------------------------------------- stage / train / report

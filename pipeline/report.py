@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from store.errors import FlexfeedError
+from store.maintenance import human_bytes
 
 # The file names pipeline/train.py writes, repeated here because importing it pulls in torch and
 # transformers, which a report does not need.
@@ -341,14 +342,6 @@ def _image(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _runs_table(runs: list[RunData]) -> str:
     rows = [[r.path.name, r.kind, r.run.get("component") or "", r.run.get("steps"), r.run.get("train_loss"),
              r.run.get("global_batch"), ", ".join(r.domains), r.run.get("final_weights") or ""] for r in runs]
@@ -378,13 +371,13 @@ def _store_tables(stores: list[dict]) -> str:
     for s in stores:
         inf = s["info"]
         parts.append(f"<h3>{html.escape(s['name'])}</h3><p>{html.escape(s['path'])}: {inf['num_rows']} rows in "
-                     f"{inf['num_shards']} shards of {inf['shard_rows']}, {_human_bytes(inf['bytes'])} on disk.</p>")
+                     f"{inf['num_shards']} shards of {inf['shard_rows']}, {human_bytes(inf['bytes'])} on disk.</p>")
         if inf["signals"]:
             parts.append(_table(
                 ["signal", "key", "dtype", "dim", "shards committed", "stale", "versions", "size", "index",
                  "compute s"],
                 [[g["name"], g["key"][:12], g["dtype"], g["dim"] or "-", f"{g['shards_committed']}/{g['shards_total']}",
-                  g["shards_stale"], g["versions"], _human_bytes(g["bytes"]), g.get("index") or "-",
+                  g["shards_stale"], g["versions"], human_bytes(g["bytes"]), g.get("index") or "-",
                   g["compute_seconds"]] for g in inf["signals"]]))
         else:
             parts.append("<p>No signals yet.</p>")

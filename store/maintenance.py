@@ -24,6 +24,15 @@ from .locks import FileLock
 from .store import Store
 
 
+def human_bytes(n: float) -> str:
+    """Sizes as people read them: 116 B, 4.0 MiB, 1.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def dir_bytes(path: Path) -> int:
     total = 0
     for dirpath, _, files in os.walk(path):
