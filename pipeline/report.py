@@ -19,12 +19,8 @@ import numpy as np
 from store.errors import FlexfeedError
 from store.maintenance import human_bytes
 
-# The file names pipeline/train.py writes, repeated here because importing it pulls in torch and
-# transformers, which a report does not need.
-RUN_FILE = "flexfeed_run.json"
-DECISIONS_FILE = "flexfeed_decisions.jsonl"
-WEIGHTS_FILE = "flexfeed_weights.jsonl"
-MIX_FILE = "flexfeed_mix.jsonl"
+from .run_files import DECISIONS_FILE, MIX_FILE, RUN_FILE, WEIGHTS_FILE
+
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
 STORE_HEADER = "store.json"

@@ -18,17 +18,12 @@ from store.hashing import stable_hash
 from .jobs import Prepared, prepare
 from .plan import Windows, rng_for
 from .rows import RowCollator, RowsDataset
+from .run_files import DECISIONS_FILE, MIX_FILE, RUN_FILE, WEIGHTS_FILE
 from .scheduler import Scheduler
 from .signals import Refresher, StoreSignals, ValueCache
 from .state_io import load_state, save_state
 from .strategies import DecisionContext, registry_for
 from .trainer import FlexfeedCallback, FlexfeedTrainer, FlexRun, write_jsonl
-
-DECISIONS_FILE = "flexfeed_decisions.jsonl"
-EVAL_FILE = "flexfeed_eval.json"
-WEIGHTS_FILE = "flexfeed_weights.jsonl"
-MIX_FILE = "flexfeed_mix.jsonl"
-RUN_FILE = "flexfeed_run.json"
 
 
 def _free_port() -> int:

@@ -1,0 +1,10 @@
+"""Names of the files `flexfeed train` writes into its output_dir (read by the report)."""
+
+RUN_FILE = "flexfeed_run.json"
+"""Summary: steps, losses, log history, per-domain validation loss, final mixer weights."""
+DECISIONS_FILE = "flexfeed_decisions.jsonl"
+"""One JSON line per window: rows per domain, proportions, selector statistics, refresh counts."""
+WEIGHTS_FILE = "flexfeed_weights.jsonl"
+"""Weighters: the global batch's weights and losses at every step."""
+MIX_FILE = "flexfeed_mix.jsonl"
+"""Mixers: the mean loss of each domain in every step's global batch."""
