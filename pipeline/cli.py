@@ -44,7 +44,7 @@ def store():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @one_line_errors
 def store_info(path, step, max_staleness, as_json):
-    """Show signals, dims, dtypes, shard counts, versions, staleness and size on disk."""
+    """Show signals, dims, dtypes, shard counts, versions, staleness, size on disk and sources."""
     from store.maintenance import human_bytes, info
     from store.store import Store
 
@@ -66,7 +66,15 @@ def store_info(path, step, max_staleness, as_json):
                       f"{s['shards_committed']}/{s['shards_total']}", str(s["shards_stale"]), vtext,
                       human_bytes(s["bytes"]), s["index"])
     Console().print(table)
+    for line in _sources_lines(data["signals"]):
+        click.echo(line)
     click.echo(f"total size {human_bytes(data['bytes'])}, format {data['format_version']}")
+
+
+def _sources_lines(signals: list[dict]) -> list[str]:
+    """One line per signal that records where its model, adapter or checkpoint files were read from."""
+    return [f"sources of {s['name']} {s['key']}: " + ", ".join(f"{k} {v}" for k, v in sorted(s["sources"].items()))
+            for s in signals if s.get("sources")]
 
 
 @store.command("verify")

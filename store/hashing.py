@@ -60,9 +60,36 @@ def fingerprint_records(records: Iterable, settings: Mapping | None = None) -> s
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt")
 
+# resolved path -> (stat signature, digest): a file is read once per process while it is unchanged
+_FILE_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}
+
+
+def _stat_signature(path: Path) -> tuple[int, ...]:
+    st = path.stat()
+    # ctime as well: a rewrite that restores the mtime (cp -p, rsync -t) still moves it
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read once per process while its size, times and inode stay."""
+    resolved = Path(path).resolve()
+    signature = _stat_signature(resolved)
+    cached = _FILE_DIGESTS.get(str(resolved))
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    digest = _sha256_file(resolved)
+    if _stat_signature(resolved) == signature:  # not rewritten while we read it
+        _FILE_DIGESTS[str(resolved)] = (signature, digest)
+    return digest
+
 
 def fingerprint_directory(path: str | os.PathLike, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> str:
-    """Hash every weight/config file under ``path`` by relative name and bytes (not mtime)."""
+    """Hash every weight/config file under ``path`` by name relative to it and bytes (not its folder, not mtimes)."""
     root = Path(path)
     if root.is_file():
         files = [root]
@@ -73,10 +100,7 @@ def fingerprint_directory(path: str | os.PathLike, suffixes: tuple[str, ...] = W
         raise FileNotFoundError(f"no model files under {path}")
     h = hashlib.sha256()
     for f in files:
-        h.update(str(f.relative_to(root)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+        h.update(f"{f.relative_to(root).as_posix()}\0{file_digest(f)}\n".encode())
     return h.hexdigest()[:HASH_HEX_CHARS]
 
 

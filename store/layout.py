@@ -8,7 +8,9 @@ from pathlib import Path
 from .errors import StoreError
 
 FORMAT_NAME = "flexfeed-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# formats this flexfeed refuses, and why their signals cannot be reused
+OLD_FORMATS = {1: "signal keys that held file paths"}
 STORE_META = "store.json"
 SIGNALS_DIR = "signals"
 SIGNAL_META = "signal.json"

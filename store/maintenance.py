@@ -45,7 +45,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def info(store: Store, current_version: int | None = None, max_staleness: int | None = None) -> dict:
-    """Signals with dims, dtypes, shard counts, versions, staleness and size on disk."""
+    """Signals with dims, dtypes, shard counts, versions, staleness, size on disk, specs and sources."""
     from .faiss_index import index_status
 
     signals = []
@@ -60,7 +60,7 @@ def info(store: Store, current_version: int | None = None, max_staleness: int | 
             "models": sorted({r.model for r in records.values()}),
             "bytes": dir_bytes(sig.dir), "index": index_status(sig),
             "compute_seconds": round(sum(r.seconds for r in records.values()), 3),
-            "spec": sig.meta.spec,
+            "spec": sig.meta.spec, "sources": sig.meta.sources,
         })
     m = store.meta
     return {"path": str(store.root), "dataset_fingerprint": m.dataset_fingerprint, "num_rows": m.num_rows,

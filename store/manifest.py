@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .atomic import atomic_write_json
 from .errors import StoreError
-from .layout import FORMAT_NAME, FORMAT_VERSION
+from .layout import FORMAT_NAME, FORMAT_VERSION, OLD_FORMATS
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -57,6 +57,13 @@ class StoreMeta:
         if obj.get("format") != FORMAT_NAME:
             raise StoreError(f"{path} is not a flexfeed store header", "point --store at a flexfeed store directory")
         version = obj.get("format_version")
+        if type(version) is int and version in OLD_FORMATS:
+            raise StoreError(
+                f"store {path.parent} has format version {version} ({OLD_FORMATS[version]}); "
+                f"this flexfeed reads format {FORMAT_VERSION}",
+                f"rebuild it: delete {path.parent}, or point `store:` at a new folder, "
+                "and run `flexfeed stage all CONFIG`",
+            )
         if version != FORMAT_VERSION:
             raise StoreError(
                 f"store {path.parent} has format version {version}, written by flexfeed "
@@ -78,6 +85,8 @@ class SignalMeta:
     dim: int | None
     spec: dict
     created_at: float = field(default_factory=time.time)
+    #: where the producer's inputs were read from when the signal was created (not in the key)
+    sources: dict = field(default_factory=dict)
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -90,9 +99,12 @@ class SignalMeta:
     def load(cls, path: Path) -> SignalMeta:
         obj = _read_json(path, "signal header")
         try:
-            return cls(**{k: obj[k] for k in ("key", "name", "dtype", "dim", "spec", "created_at")})
+            fields = {k: obj[k] for k in ("key", "name", "dtype", "dim", "spec", "created_at")}
         except KeyError as exc:
             raise StoreError(f"signal header {path} lacks {exc}", "run `flexfeed store gc` to drop it") from None
+        # headers written before sources existed have none; sources are metadata, never worth refusing a signal
+        sources = obj.get("sources")
+        return cls(**fields, sources=sources if isinstance(sources, dict) else {})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,6 +36,27 @@ def _local_path(path) -> Path:
     return Path(text.removeprefix("file://"))
 
 
+def _create_header(root: Path, meta: StoreMeta) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / LOCKS_DIR / "store.lock", timeout_s=60, what=f"store {root}"):
+        if not (root / STORE_META).exists():
+            meta.save(root / STORE_META)
+
+
+def _plain_sources(name: str, sources) -> dict:
+    """A signal's sources as plain JSON values (an error names the signal when they are not)."""
+    if sources is None:
+        return {}
+    if not isinstance(sources, dict):
+        raise StoreError(f"the sources of signal {name!r} must be a dict, got {type(sources).__name__}",
+                         "pass e.g. {'model': '/path/to/model'}")
+    try:
+        return json.loads(canonical_json(sources))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"the sources of signal {name!r} are not plain values: {exc}",
+                         "use only strings, numbers, bools, None, lists and dicts") from None
+
+
 class Store:
     """Open with :meth:`open`, :meth:`create` or :meth:`open_or_create`."""
 
@@ -88,11 +109,10 @@ class Store:
             raise StoreError(f"shard_rows must be a positive integer, got {shard_rows!r}", "e.g. 4096")
         if root.exists() and not root.is_dir():
             raise StoreError(f"store path {root} is a file", "choose a directory")
-        root.mkdir(parents=True, exist_ok=True)
-        with FileLock(root / LOCKS_DIR / "store.lock", timeout_s=60, what=f"store {root}"):
-            if not (root / STORE_META).exists():
-                StoreMeta(dataset_fingerprint=dataset_fingerprint, num_rows=num_rows, shard_rows=shard_rows,
-                          dataset_info=dataset_info or {}).save(root / STORE_META)
+        if not (root / STORE_META).exists():
+            _create_header(root, StoreMeta(dataset_fingerprint=dataset_fingerprint, num_rows=num_rows,
+                                           shard_rows=shard_rows, dataset_info=dataset_info or {}))
+        # an existing store (of another format or dataset) is refused here, before anything is written to it
         store = cls.open(root, dataset_fingerprint=dataset_fingerprint)
         if store.meta.num_rows != num_rows:
             raise StoreError(f"store {root} has {store.meta.num_rows} rows, the dataset {num_rows}",
@@ -112,8 +132,13 @@ class Store:
         return stable_hash({"dataset": self.meta.dataset_fingerprint, "name": name, "spec": spec,
                             "dtype": dtype, "dim": dim})
 
-    def signal(self, name: str, spec: dict, *, dtype: str = "float32", dim: int | None = None) -> Signal:
-        """Get the signal produced by ``spec``, creating it (empty) if new."""
+    def signal(self, name: str, spec: dict, *, dtype: str = "float32", dim: int | None = None,
+               sources: dict | None = None) -> Signal:
+        """Get the signal produced by ``spec``, creating it (empty) if new.
+
+        ``sources`` (e.g. the model's folder) is metadata kept in the header of a new signal and shown
+        by `store info`; it is not part of the key, so it never decides reuse.
+        """
         check_name(name)
         if dtype not in DTYPES:
             raise StoreError(f"signal dtype {dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
@@ -127,6 +152,7 @@ class Store:
         except (TypeError, ValueError) as exc:
             raise StoreError(f"the spec of signal {name!r} cannot be hashed: {exc}",
                              "use only strings, numbers, bools, None, lists and dicts in a spec") from None
+        sources = _plain_sources(name, sources)
         sdir = signal_dir(self.root, key)
         if not (sdir / SIGNAL_META).exists():
             with FileLock(self.root / LOCKS_DIR / f"create-{key}.lock", timeout_s=60, what=f"signal {name!r}"):
@@ -134,8 +160,8 @@ class Store:
                     sdir.mkdir(parents=True, exist_ok=True)
                     Signal.create_array(sdir / DATA_ARRAY, self.meta, dtype, dim)
                     # the header last: a signal directory without it is creation debris
-                    SignalMeta(key=key, name=name, dtype=dtype, dim=dim, spec=json.loads(canonical_json(spec))
-                               ).save(sdir / SIGNAL_META)
+                    SignalMeta(key=key, name=name, dtype=dtype, dim=dim, spec=json.loads(canonical_json(spec)),
+                               sources=sources).save(sdir / SIGNAL_META)
         return self.get(key)
 
     def get(self, key: str) -> Signal:

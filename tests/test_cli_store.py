@@ -27,7 +27,7 @@ def run(*args: str):
 def test_info_table_and_json(store_dir):
     result = run("info", str(store_dir.root))
     assert result.exit_code == 0, result.output
-    for text in ("emb", "loss", "float16", "3/3", "10 rows in 3 shards of 4", "format 1"):
+    for text in ("emb", "loss", "float16", "3/3", "10 rows in 3 shards of 4", "format 2"):
         assert text in result.output
     result = run("info", str(store_dir.root), "--json", "--step", "6", "--max-staleness", "2")
     assert result.exit_code == 0, result.output

@@ -274,7 +274,7 @@ def test_a_store_of_another_format_version_names_the_version_that_wrote_it(tmp_p
     _header(st_.root).write_text(json.dumps(meta))
     with pytest.raises(StoreError, match=r"format version 7, written by flexfeed 9\.4\.1") as info:
         Store.open(st_.root)
-    assert "reads format 1" in str(info.value)
+    assert "reads format 2" in str(info.value)
     with pytest.raises(StoreError, match="9.4.1"):
         Store.open_or_create(st_.root, dataset_fingerprint=FINGERPRINT, num_rows=10, shard_rows=4)
     for command in ("info", "verify", "gc"):
@@ -285,7 +285,7 @@ def test_a_store_of_another_format_version_names_the_version_that_wrote_it(tmp_p
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b"[1, 2]", b"\xff\xfe\x00garbage", b'{"format": "other"}',
-                                     b'{"format": "flexfeed-store", "format_version": 1}', b"null"],
+                                     b'{"format": "flexfeed-store", "format_version": 2}', b"null"],
                          ids=["empty", "truncated", "list", "binary", "other-format", "incomplete", "null"])
 def test_an_unreadable_store_header_is_refused_with_its_path(tmp_path, content):
     from pipeline.cli import main

@@ -166,10 +166,10 @@ def test_store_of_another_format_version_names_the_writer(filled):
     st, _ = filled
     header = st.root / STORE_META
     meta = json.loads(header.read_text())
-    meta.update(format_version=2, flexfeed_version="9.9.0")
+    meta.update(format_version=3, flexfeed_version="9.9.0")
     header.write_text(json.dumps(meta))
-    err = _refused(st.root, lambda: Store.open(st.root), "format version 2, written by flexfeed 9.9.0")
-    assert "reads format 1" in err.message
+    err = _refused(st.root, lambda: Store.open(st.root), "format version 3, written by flexfeed 9.9.0")
+    assert "reads format 2" in err.message
 
 
 # ----------------------------------------------------------------------------- staleness
