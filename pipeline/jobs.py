@@ -77,6 +77,29 @@ def stages_for(cfg, name: str, split: str) -> list[Stage]:
                         "signals are embed, loss, ref_loss, grads, grads_sgd, grads_nice")
 
 
+def live_stage_for(cfg, name: str, split: str) -> Stage:
+    """The one stage that computes signal `name` at the live training state (what a refresh writes).
+
+    Gradients are the training model's own (no checkpoint); `grads` with grad_type adam is
+    preconditioned by the live optimizer's moments, bound at each refresh.
+    """
+    from stages.grads.stage import GradsStage
+
+    if name == "grads":
+        return GradsStage(cfg.model, cfg.grads, None, live=True)
+    if name == "grads_sgd":
+        return GradsStage(cfg.model, replace(cfg.grads, grad_type="sgd"), None, live=True)
+    if name == "ref_loss":
+        raise FlexfeedError("ref_loss is a fixed reference model's loss and is never refreshed",
+                            "drop ref_loss from refresh.signals")
+    if name == "grads_nice":
+        from stages.grads.nice import NiceTargetStage
+
+        return NiceTargetStage(cfg.model, cfg.grads, None)
+    (stage,) = stages_for(cfg, name, split)
+    return stage
+
+
 def run_stage_job(cfg, which: str, *, progress: bool = True, prepared: Prepared | None = None) -> list[RunResult]:
     """`flexfeed stage WHICH CONFIG`: compute what is missing, for train and (where used) target rows."""
     if which not in (*STAGES, "all"):
@@ -96,9 +119,11 @@ def run_stage_job(cfg, which: str, *, progress: bool = True, prepared: Prepared 
         elif name == "loss":
             plan += [(s, p.train, p.train_store) for s in stages_for(cfg, cfg.loss.signal, "train")]
         elif name == "grads":
-            if which == "all" and not _grads_wanted(cfg):
+            train_grads = which != "all" or _grads_wanted(cfg)
+            if not train_grads and not _target_grads_wanted(cfg):
                 continue
-            plan += [(s, p.train, p.train_store) for s in stages_for(cfg, "grads", "train")]
+            if train_grads:
+                plan += [(s, p.train, p.train_store) for s in stages_for(cfg, "grads", "train")]
             if p.target is not None:
                 plan += [(s, p.target, p.target_store) for s in stages_for(cfg, "grads_sgd", "target")]
                 if str(getattr(cfg.flex, "component", "") or "") == "nice":
@@ -109,9 +134,16 @@ def run_stage_job(cfg, which: str, *, progress: bool = True, prepared: Prepared 
 
 
 def _grads_wanted(cfg) -> bool:
-    """`stage all` computes gradients when the config asks for them (checkpoints, or a gradient selector)."""
+    """`stage all` computes train gradients when the config asks for them (checkpoints, or a gradient
+    selector reading every row's gradient; `cluster` computes those of its probe rows at decisions)."""
     comp = str(getattr(cfg.flex, "component", "") or "")
-    return bool(cfg.grads.checkpoints) or comp in ("less", "nice", "cluster")
+    return bool(cfg.grads.checkpoints) or comp in ("less", "nice")
+
+
+def _target_grads_wanted(cfg) -> bool:
+    """Target gradients: whenever train gradients are wanted, and for `cluster`'s gradient scores."""
+    comp = str(getattr(cfg.flex, "component", "") or "")
+    return _grads_wanted(cfg) or comp in ("cluster", "cluster_less")
 
 
 def index_job(cfg, p: Prepared) -> list[RunResult]:

@@ -22,7 +22,7 @@ class Scheduler:
                  domain_names: list[str], seed: int,
                  make_context: Callable[[int, int], DecisionContext] | None = None,
                  init_proportions: np.ndarray | None = None,
-                 on_decision: Callable[[dict], None] | None = None):
+                 on_decision: Callable[[dict], None] | None = None, run_id: str = ""):
         if kind not in KINDS:
             raise FlexfeedError(f"unknown train_type {kind!r}", f"use one of {', '.join(KINDS)}")
         self.kind = kind
@@ -40,6 +40,7 @@ class Scheduler:
             init_proportions = np.full(k, 1.0 / k)
         self.init_proportions = _check_proportions(np.asarray(init_proportions, dtype=np.float64), k, "initial")
         # state (everything below goes into checkpoints)
+        self.run_id = run_id  # keys the run's refreshed signals; a resumed run keeps its own
         self.plans: dict[int, np.ndarray] = {}
         self.cursors = np.zeros(k, dtype=np.int64)
         self.last_selection: np.ndarray | None = None
@@ -120,6 +121,7 @@ class Scheduler:
             "cursors": self.cursors, "last_selection": self.last_selection,
             "last_proportions": self.last_proportions, "decisions": self.decisions,
             "strategy": self.strategy.state_dict() if self.strategy is not None else {},
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,6 +131,7 @@ class Scheduler:
         self.last_selection = None if ls is None else np.asarray(ls, dtype=np.int64)
         self.last_proportions = np.asarray(state["last_proportions"], dtype=np.float64)
         self.decisions = list(state.get("decisions", []))
+        self.run_id = str(state.get("run_id") or self.run_id)
         if self.strategy is not None:
             self.strategy.load_state_dict(state.get("strategy", {}))
 

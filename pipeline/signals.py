@@ -1,22 +1,94 @@
-"""The trainer's SignalSource: signals read from the stores, refreshed when stale."""
+"""The trainer's SignalSource: where each signal a strategy reads comes from, refreshed when stale.
+
+A run plans one *route* per signal a strategy needs (`plan_routes`, before training starts):
+
+- **live**: the method's definition at the live training state. One stage (the training model, for
+  `grads` with the live optimizer's Adam moments), whose shards older than the route's staleness are
+  recomputed before a decision into the run's own copy of the signal.
+- **offline**: the configured stages as they are (for `grads`, one variant per checkpoint: LESS's
+  ensemble). Missing shards are computed by those same stages, never by the live model.
+
+Every decision logs, per signal, the model versions its shards come from, and refuses a signal whose
+shards were computed by models further apart than its route allows.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.base import bind_live_model
-from stages.runner import stage_signal
-from store.errors import FlexfeedError
+from stages.args import RunnerArgs
+from stages.base import Stage, bind_live_model
+from stages.runner import INLINE, run_stage, stage_signal
+from store.errors import FlexfeedError, StoreError
 from store.faiss_index import load_index
 
-from .jobs import Prepared, stages_for
+from .jobs import Prepared, live_stage_for, stages_for
 from .strategies import SignalNeed
 
 LOSS_SIGNALS = ("loss", "ref_loss")
+_UNSET = object()
+
+
+@dataclass
+class SignalRoute:
+    """Where one signal of one split comes from during a run."""
+
+    name: str
+    split: str
+    live: bool
+    stages: list[Stage]
+    max_staleness: int | None = None
+    """Live routes: shards computed more than this many steps before a decision are recomputed."""
+    rows: str = "all"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.split}"
+
+
+def _refreshable(cfg, need: SignalNeed) -> bool:
+    if not need.refresh or not cfg.refresh.enabled or need.name == "ref_loss":
+        return False
+    return cfg.refresh.signals is None or need.name in cfg.refresh.signals
+
+
+def plan_routes(cfg, needs: list[SignalNeed], component: str = "") -> dict[tuple[str, str], SignalRoute]:
+    """One route per needed signal, with every error the config implies raised now, before training."""
+    routes: dict[tuple[str, str], SignalRoute] = {}
+    who = f"component {component!r}" if component else "the component"
+    for need in needs:
+        refresh = _refreshable(cfg, need)
+        staleness = cfg.refresh.max_staleness
+        if need.live:
+            if not refresh:
+                raise FlexfeedError(
+                    f"{who} ranks the live {need.name!r} of every decision, but the config never refreshes it, so "
+                    f"every decision would rank unchanged values",
+                    f"set refresh.enabled: true and keep {need.name!r} in refresh.signals (or unset refresh.signals)")
+            if staleness is not None and staleness >= cfg.flex.update_step:
+                raise FlexfeedError(
+                    f"refresh.max_staleness ({staleness}) >= update_step ({cfg.flex.update_step}): {who} would rank "
+                    f"{need.name!r} values unchanged since the previous decision",
+                    "unset refresh.max_staleness (fresh values at every decision) or make it smaller than update_step")
+            staleness = 0 if staleness is None else staleness
+        live = refresh and staleness is not None
+        stages = [live_stage_for(cfg, need.name, need.split)] if live else stages_for(cfg, need.name, need.split)
+        for stage in stages:
+            stage.signal()  # builds the key: missing files and bad settings fail here, not mid-training
+        routes[(need.name, need.split)] = SignalRoute(need.name, need.split, live, stages,
+                                                      staleness if live else None, need.rows)
+    grads = {r.live for r in routes.values() if r.name.startswith("grads")}
+    if len(grads) > 1:
+        raise FlexfeedError(
+            f"{who} compares gradients of the train and target rows, but only some of them are refreshed: "
+            f"{', '.join(f'{r.label} ' + ('live' if r.live else 'offline') for r in routes.values())}",
+            "refresh all gradient signals (unset refresh.signals) or none (refresh.enabled: false)")
+    return routes
 
 
 def run_signal(stage, store, run_id: str):
@@ -25,15 +97,27 @@ def run_signal(stage, store, run_id: str):
     Refreshed values depend on the run's training trajectory, so they are keyed by the run as well
     as by what produced them; the offline (content-keyed) signal is never overwritten by a run.
     """
+    if not run_id:
+        raise FlexfeedError("a refresh needs the run's id", "pass run_id to the Refresher")
     desc = stage.signal()
     return store.signal(desc.name, {**desc.spec, "run": run_id}, dtype=desc.dtype, dim=desc.dim)
+
+
+def offline_twin(stage, store):
+    """The offline signal with exactly the stage's spec, when the store holds one (None otherwise)."""
+    desc = stage.signal()
+    try:
+        return store.get(store.signal_key(desc.name, desc.spec, desc.dtype, desc.dim))
+    except StoreError:
+        return None
 
 
 def seed_from(sig, base) -> None:
     """Copy the offline signal's committed shards into an empty run signal, as of the run's step 0.
 
-    Offline versions count steps of whatever produced them (e.g. a warm-up run's checkpoint step),
-    not of this run: in the run's copy they start at 0 and age from there.
+    Only an offline signal with the live stage's own spec qualifies: the same definition evaluated
+    at the model the run starts from. Its versions count steps of whatever produced it, not of this
+    run: in the run's copy they start at 0 and age from there.
     """
     for shard, rec in sorted(base.records().items()):
         sig.write_shard(shard, base.read_shard(shard), version=0, model=rec.model, lock_timeout_s=600)
@@ -41,7 +125,7 @@ def seed_from(sig, base) -> None:
 
 @dataclass
 class Refresher:
-    """Recomputes stale shards with the live model, split across ranks, committed with the step as version."""
+    """Recomputes stale shards at the live training state, split across ranks, committed with the step."""
 
     model: object
     tokenizer: object
@@ -51,49 +135,73 @@ class Refresher:
     barrier: object = None
     gather_params: object = None  # context manager factory for ZeRO-3 (parameters gathered to compute)
     run_id: str = ""
+    live_state: Callable[[str], object] | None = None
+    """Named live training state a stage's definition reads (`adam_state`), e.g. from the Trainer."""
     counts: dict = field(default_factory=dict)
+    passes: dict = field(default_factory=dict)
+    """Per signal name, the shards computed by this rank (the gradient passes a refresh costs)."""
 
     def _sync(self) -> None:
         if self.barrier is not None:
             self.barrier()
 
-    def refresh(self, stage, data, store, step: int):
-        """Make the stage's signal fresh for `step`; returns (info, the signal to read)."""
+    def refresh(self, stage, data, store, step: int, max_staleness=_UNSET):
+        """Make the stage's signal fresh for `step` in the run's copy; returns (info, the signal to read)."""
+        staleness = self.max_staleness if max_staleness is _UNSET else max_staleness
         t0 = time.perf_counter()
-        base = stage_signal(stage, store)
-        if self.max_staleness is None and base.is_complete():
-            # nothing can go stale: read the offline signal as it is, no copy
-            return {"stale": 0, "recomputed_here": 0, "seconds": 0.0, "source": "offline"}, base
-        sig = run_signal(stage, store, self.run_id) if self.run_id else base
-        if self.run_id and self.rank == 0 and not sig.records():
-            seed_from(sig, base)
+        sig = run_signal(stage, store, self.run_id)
+        if self.rank == 0 and not sig.records():
+            base = offline_twin(stage, store)
+            if base is not None:
+                seed_from(sig, base)
         self._sync()  # every rank lists the stale shards from the same state
-        todo = sig.stale_shards(step, self.max_staleness)
+        todo = sig.stale_shards(step, staleness)
         mine = todo[self.rank :: self.world_size]
-        if mine:
-            self._recompute(stage, data, sig, mine, step)
+        if todo:
+            # gathering optimizer state is collective under ZeRO: every rank does it, even with no shard
+            state = self._state_for(stage)
+            if mine:
+                self._recompute(stage, data, sig, mine, step, state)
         self._sync()
         info = {"stale": len(todo), "recomputed_here": len(mine), "seconds": round(time.perf_counter() - t0, 3),
-                "source": "run"}
+                "source": "live"}
         self.counts[sig.name] = self.counts.get(sig.name, 0) + len(todo)
         return info, sig
 
-    def _recompute(self, stage, data, sig, shards: list[int], step: int) -> None:
+    def _state_for(self, stage) -> dict:
+        keys = stage.live_state_keys() if hasattr(stage, "live_state_keys") else ()
+        if keys and self.live_state is None:
+            raise FlexfeedError(f"signal {stage.signal().name!r} is defined by live training state {list(keys)}",
+                                "refresh it from inside a training run")
+        return {k: self.live_state(k) for k in keys}
+
+    @contextlib.contextmanager
+    def _live(self, stage, state: dict, grad: bool):
         import torch
 
         was_training = getattr(self.model, "training", False)
         self.model.eval()
         ctx = self.gather_params() if self.gather_params is not None else contextlib.nullcontext()
         try:
-            with ctx, torch.enable_grad() if "grads" in sig.name else torch.no_grad():
-                live = bind_live_model(stage, self.model, self.tokenizer)
-                for shard in shards:
-                    start, stop = sig.shard_range(shard)
-                    values = live.compute(data.rows(start, stop))
-                    sig.write_shard(shard, values, version=step, model=f"live@{step}", lock_timeout_s=600)
+            with ctx, torch.enable_grad() if grad else torch.no_grad():
+                yield bind_live_model(stage, self.model, self.tokenizer, **state)
         finally:
             if was_training:
                 self.model.train()
+
+    def _recompute(self, stage, data, sig, shards: list[int], step: int, state: dict) -> None:
+        with self._live(stage, state, "grads" in sig.name) as live:
+            for shard in shards:
+                start, stop = sig.shard_range(shard)
+                values = live.compute(data.rows(start, stop))
+                sig.write_shard(shard, values, version=step, model=f"live@{step}", lock_timeout_s=600)
+                self.passes[sig.name] = self.passes.get(sig.name, 0) + 1
+
+    def compute_rows(self, stage, rows: dict) -> np.ndarray:
+        """The stage's values for the given rows at the live state (every rank computes the same rows)."""
+        state = self._state_for(stage)
+        with self._live(stage, state, "grads" in stage.signal().name) as live:
+            return live.compute(rows)
 
 
 class ValueCache:
@@ -114,19 +222,49 @@ class ValueCache:
         return arr
 
 
-class StoreSignals:
-    """Signals of the train/target stores for one decision (refreshed before it, then read-only)."""
+def version_summary(sig) -> dict:
+    """The model versions a signal's committed shards were computed with (what a decision logs)."""
+    records = sig.records()
+    versions = [r.version for r in records.values()]
+    models = sorted({r.model for r in records.values()})
+    return {"key": sig.key, "shards": len(records), "of": sig.num_shards,
+            "versions": [min(versions), max(versions)] if versions else [], "models": models[:4],
+            "num_models": len(models)}
 
-    def __init__(self, cfg, prepared: Prepared, step: int, refresher: Refresher | None = None,
-                 cache: ValueCache | None = None, stages: dict | None = None):
+
+def check_versions(route: SignalRoute, summary: dict) -> None:
+    """Refuse a signal whose shards were computed by models further apart than the route allows."""
+    if summary["shards"] < summary["of"]:
+        raise FlexfeedError(f"signal {route.label} has {summary['shards']} of {summary['of']} shards committed",
+                            "run `flexfeed stage all CONFIG` (or let the run compute them)")
+    if route.live:
+        lo, hi = summary["versions"]
+        if hi - lo > route.max_staleness:
+            raise FlexfeedError(
+                f"signal {route.label} mixes shards of model versions {lo} to {hi}, more than "
+                f"max_staleness={route.max_staleness} steps apart", "refresh its stale shards before deciding")
+    elif summary["num_models"] > 1:
+        raise FlexfeedError(
+            f"offline signal {route.label} holds shards of {summary['num_models']} different models "
+            f"({', '.join(summary['models'])})", "recompute it with one model: delete it and run `flexfeed stage all`")
+
+
+class StoreSignals:
+    """Signals of the train/target stores for one decision (made fresh before it, then read-only)."""
+
+    def __init__(self, cfg, prepared: Prepared, step: int, routes: dict, refresher: Refresher | None = None,
+                 cache: ValueCache | None = None, *, rank: int = 0, world_size: int = 1, barrier=None,
+                 live_lr: Callable[[], float] | None = None):
         self.cfg = cfg
-        # stage objects per (signal, split), shared across a run's decisions: building one hashes the
-        # model and checkpoint files its key depends on, which must not happen at every decision
-        self.stages = stages if stages is not None else {}
         self.p = prepared
         self.step = step
+        # routes (and their stage objects) are planned once per run: building a stage hashes the model
+        # and checkpoint files its key depends on, which must not happen at every decision
+        self.routes = routes
         self.refresher = refresher
         self.cache = cache or ValueCache()
+        self.rank, self.world_size, self.barrier = rank, world_size, barrier
+        self.live_lr = live_lr
         self.log: dict = {}
         self._chosen: dict[tuple[str, str], list] = {}
 
@@ -139,42 +277,98 @@ class StoreSignals:
             return self.p.target, self.p.target_store
         raise FlexfeedError(f"unknown split {split!r}", "use train or target")
 
+    def _route(self, name: str, split: str) -> SignalRoute:
+        route = self.routes.get((name, split))
+        if route is None:
+            raise FlexfeedError(f"signal {name}/{split} was not declared by the component's needs()",
+                                "list every signal a strategy reads in its needs()")
+        return route
+
+    def _meta(self, route: SignalRoute, stage) -> dict:
+        if route.live:
+            lr = self.live_lr() if self.live_lr is not None else 1.0
+            return {"lr": float(lr), "checkpoint": None, "source": "live"}
+        spec = stage.signal().spec
+        return {"lr": float(spec.get("lr") or 1.0), "checkpoint": spec.get("checkpoint"), "source": "offline"}
+
     def prepare(self, needs: list[SignalNeed]) -> None:
-        """Refresh every needed signal that may be refreshed; the others are read as stored."""
+        """Make every needed signal ready: live ones refreshed, offline ones completed by their own stages."""
         for need in needs:
+            route = self._route(need.name, need.split)
+            if route.rows == "probe":
+                continue  # computed row by row when the strategy asks (get_rows_all)
             data, store = self._split(need.split)
             chosen = []
-            for stage in self._stages(need.name, need.split):
-                if need.refresh and self.refresher is not None:
-                    info, sig = self.refresher.refresh(stage, data, store, self.step)
-                    self.log.setdefault("refresh", {})[f"{need.name}/{need.split}"] = info
+            for stage in route.stages:
+                if route.live:
+                    if self.refresher is None:
+                        raise FlexfeedError(f"signal {route.label} is refreshed but the run has no refresher",
+                                            "build StoreSignals with a Refresher")
+                    info, sig = self.refresher.refresh(stage, data, store, self.step, route.max_staleness)
+                    self.log.setdefault("refresh", {})[route.label] = info
                 else:
-                    sig = stage_signal(stage, store)
-                chosen.append((stage.signal().spec, sig))
+                    sig = self._offline(stage, data, store)
+                summary = version_summary(sig)
+                check_versions(route, summary)
+                self.log.setdefault("signals", {}).setdefault(route.label, []).append(
+                    {"source": "live" if route.live else "offline", **summary})
+                chosen.append((self._meta(route, stage), sig))
             self._chosen[(need.name, need.split)] = chosen
+
+    def _offline(self, stage, data, store):
+        """The offline signal, its missing shards first computed by its own stage (split across ranks)."""
+        sig = stage_signal(stage, store)
+        missing = sig.stale_shards()
+        if missing:
+            mine = missing[self.rank :: self.world_size]
+            if mine:
+                run_stage(stage, data, store, RunnerArgs(scheduler=INLINE), shards=mine, progress=False)
+            if self.barrier is not None:
+                self.barrier()
+            self.log.setdefault("offline_filled", {})[sig.name] = len(missing)
+        return sig
 
     def _signals(self, name: str, split: str):
         key = (name, split)
         if key not in self._chosen:
-            _, store = self._split(split)
-            self._chosen[key] = [(s.signal().spec, stage_signal(s, store)) for s in self._stages(name, split)]
+            self.prepare([SignalNeed(name, split, refresh=self._route(name, split).live)])
         return self._chosen[key]
-
-    def _stages(self, name: str, split: str) -> list:
-        if (name, split) not in self.stages:
-            self.stages[(name, split)] = stages_for(self.cfg, name, split)
-        return self.stages[(name, split)]
 
     def get(self, name: str, split: str = "train") -> np.ndarray:
         return self.cache.get(self._signals(name, split)[-1][1], name)
 
     def get_all(self, name: str, split: str = "train") -> list[tuple[dict, np.ndarray]]:
+        return [(meta, self.cache.get(sig, name)) for meta, sig in self._signals(name, split)]
+
+    def get_rows_all(self, name: str, rows: np.ndarray, split: str = "train") -> list[tuple[dict, np.ndarray]]:
+        """Values of the given rows only: read where committed, else computed for those rows alone."""
+        route = self._route(name, split)
+        if route.rows != "probe":
+            return [(meta, values[np.asarray(rows)]) for meta, values in self.get_all(name, split)]
+        data, store = self._split(split)
+        rows = np.asarray(rows, dtype=np.int64)
+        batch = data.dataset[rows.tolist()]
         out = []
-        for spec, sig in self._signals(name, split):
-            meta = {"lr": float(spec.get("lr") or 1.0), "checkpoint": spec.get("checkpoint")}
-            out.append((meta, self.cache.get(sig, name)))
+        for stage in route.stages:
+            if route.live:
+                values = self.refresher.compute_rows(stage, batch)
+            else:
+                sig = stage_signal(stage, store)
+                done = set(sig.committed_shards())
+                if all(int(s) in done for s in np.unique(rows // sig.shard_rows)):
+                    values = sig.read_rows(rows)
+                else:
+                    values = _offline_rows(stage, batch)
+            out.append((self._meta(route, stage), np.asarray(values, dtype=np.float32)))
+            self.log.setdefault("probe_rows", {})[route.label] = int(rows.size)
         return out
 
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         sig = self._signals(name, split)[-1][1]
         return load_index(sig).search(queries, k)
+
+
+def _offline_rows(stage, batch: dict) -> np.ndarray:
+    """The offline stage's values for a few rows, computed in this process (its model loads once per run:
+    the route's stage objects live as long as the run)."""
+    return stage.compute(batch)

@@ -20,7 +20,8 @@ from .plan import Windows, rng_for
 from .rows import RowCollator, RowsDataset
 from .run_files import DECISIONS_FILE, MIX_FILE, RUN_FILE, WEIGHTS_FILE
 from .scheduler import Scheduler
-from .signals import Refresher, StoreSignals, ValueCache
+from .live_state import live_adam_state, live_lr
+from .signals import Refresher, StoreSignals, ValueCache, plan_routes
 from .state_io import load_state, save_state
 from .strategies import DecisionContext, registry_for
 from .trainer import FlexfeedCallback, FlexfeedTrainer, FlexRun, write_jsonl
@@ -103,9 +104,8 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer_ref: dict = {}
     value_cache = ValueCache()
-    run_stages: dict = {}  # stage objects of the signals the strategy reads, built once per run
-    # refreshed signals belong to this run (its output folder), so runs sharing a store never mix them
-    run_id = stable_hash({"run": str(out_dir.resolve())})
+    # where each signal the strategy reads comes from (live or offline), planned and checked before training
+    routes = plan_routes(cfg, strategy.needs(), str(cfg.flex.component)) if strategy is not None else {}
 
     if kind != "static":
         windows = Windows(global_batch=global_batch, max_steps=max_steps, warmup_step=cfg.flex.warmup_step,
@@ -116,25 +116,25 @@ def train(cfg, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
 
         def make_context(step: int, window: int) -> DecisionContext:
             trainer = trainer_ref["trainer"]
+            acc = trainer.accelerator
+            live_model = acc.unwrap_model(trainer.model)
             refresher = None
-            if cfg.refresh.enabled:
-                acc = trainer.accelerator
-                refresher = Refresher(model=acc.unwrap_model(trainer.model), tokenizer=p.tokenizer,
-                                      max_staleness=cfg.refresh.max_staleness, rank=acc.process_index,
-                                      world_size=acc.num_processes, barrier=acc.wait_for_everyone,
-                                      gather_params=_zero3_gather(trainer), run_id=run_id)
-            source = StoreSignals(cfg, p, step, refresher, cache=value_cache, stages=run_stages)
-            needs = strategy.needs()
-            if cfg.refresh.signals:
-                needs = [nd for nd in needs if nd.name in cfg.refresh.signals or not nd.refresh]
-            source.prepare(needs)
+            if any(r.live for r in routes.values()):
+                refresher = Refresher(model=live_model, tokenizer=p.tokenizer, max_staleness=cfg.refresh.max_staleness,
+                                      rank=acc.process_index, world_size=acc.num_processes,
+                                      barrier=acc.wait_for_everyone, gather_params=_zero3_gather(trainer),
+                                      run_id=scheduler.run_id, live_state=_live_state(trainer, live_model))
+            source = StoreSignals(cfg, p, step, routes, refresher, cache=value_cache, rank=acc.process_index,
+                                  world_size=acc.num_processes, barrier=acc.wait_for_everyone,
+                                  live_lr=lambda: live_lr(trainer))
+            source.prepare(strategy.needs())
             return DecisionContext(step=step, num_rows=n, domain_ids=domain_ids, domain_names=p.train.domain_names,
                                    rng=rng_for(args.seed, 99, window), signals=source,
                                    target_domain_ids=target_domains, log=source.log, init_proportions=init_p)
 
         scheduler = Scheduler(kind=kind, strategy=strategy, windows=windows, domain_ids=domain_ids,
                               domain_names=p.train.domain_names, seed=args.seed, make_context=make_context,
-                              init_proportions=init_p)
+                              init_proportions=init_p, run_id=new_run_id())
         flex.scheduler = scheduler
         flex.mixer = strategy if kind == "mix" else None
         flex.weighter = strategy if kind == "weight" else None
@@ -174,6 +174,32 @@ def _rank_digest(flex: FlexRun) -> dict:
             "per_domain": [d["per_domain"] for d in sched.decisions],
             "proportions": [d.get("proportions") for d in sched.decisions],
             "weights": stable_hash([r["weights"] for r in flex.weight_log])}
+
+
+def new_run_id() -> str:
+    """A fresh id for this run's refreshed signals, the same on every rank (rank 0's, broadcast).
+
+    Refreshed values depend on the run's trajectory, so they are keyed by the run; the id is random
+    rather than derived from the output folder (no path in a key) and is saved in every checkpoint, so
+    a resumed run continues with the signals it refreshed.
+    """
+    import uuid
+
+    import torch.distributed as dist
+
+    box = [uuid.uuid4().hex]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _live_state(trainer, model):
+    """Named live training state for stages that read it (the optimizer's Adam moments)."""
+    def get(key: str):
+        if key == "adam_state":
+            return live_adam_state(trainer, model)
+        raise FlexfeedError(f"unknown live training state {key!r}", "a stage may read adam_state")
+    return get
 
 
 def _zero3_gather(trainer):

@@ -7,19 +7,22 @@ loaded there, not once per shard), and commits what :meth:`Stage.compute` return
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class SignalDesc:
-    """What the store needs to find or create the signal: name, content spec, dtype, dim."""
+    """What the store needs to find or create the signal: name, content spec, dtype, dim, and unkeyed sources."""
 
     name: str
     spec: dict
     dtype: str = "float32"
     dim: int | None = None
+    #: where the inputs were read from (model, adapter, checkpoint folders): shown by `store info`,
+    #: never part of the key, so a store and its models can move to another folder
+    sources: dict = field(default_factory=dict)
 
 
 class Stage:
@@ -29,7 +32,7 @@ class Stage:
     code_version: str = "1"
 
     def signal(self) -> SignalDesc:
-        """The signal this stage writes (spec = everything that determines the values)."""
+        """The signal this stage writes (spec = the content that determines the values, never a path)."""
         raise NotImplementedError
 
     def setup(self) -> None:
@@ -44,13 +47,19 @@ class Stage:
         return 0, ""
 
 
-def bind_live_model(stage: Stage, model, tokenizer) -> Stage:
-    """A copy of `stage` that computes with an already-loaded (e.g. training) model: no setup, no load."""
+def bind_live_model(stage: Stage, model, tokenizer, **state) -> Stage:
+    """A copy of `stage` that computes with an already-loaded (e.g. training) model: no setup, no load.
+
+    ``state`` is more of the live training state a stage's definition reads (e.g. ``adam_state``, the
+    optimizer's moments, for Adam-preconditioned gradients); it goes to the stage's ``bind_model``.
+    """
     import copy
 
     live = copy.copy(stage)
     live._model = model
     live._tokenizer = tokenizer
     if hasattr(live, "bind_model"):
-        live.bind_model(model, tokenizer)
+        live.bind_model(model, tokenizer, **state)
+    elif state:
+        raise TypeError(f"{type(stage).__name__} takes no live state, got {sorted(state)}")
     return live

@@ -126,32 +126,33 @@ def test_resume_gives_identical_next_batches_and_state(run_cfg, tmp_path, seen_r
 
 
 def test_refresh_recomputes_exactly_the_stale_shards(run_cfg, tmp_path):
-    from pipeline.signals import Refresher
+    from pipeline.signals import Refresher, run_signal
 
     path, _ = run_cfg
     cfg = load_config(path, [f"store={tmp_path / 'store'}"])
     run_stage_job(cfg, "loss", progress=False)
     p = prepare(cfg, need_target=False)
     stage = stages_for(cfg, "loss", "train")[0]
-    sig = p.train_store.signal(stage.signal().name, stage.signal().spec, dtype="float32", dim=2)
-    # shards 0..3 committed at step 0 by the offline stage; move shard 1 and 3 to step 9
     from stages.models import load_model
 
     model = load_model(cfg.model)
-    values = stage.compute(p.train.rows(*sig.shard_range(1)))
-    sig.write_shard(1, values, version=9)
-    sig.write_shard(3, stage.compute(p.train.rows(*sig.shard_range(3))), version=9)
+    refresher = Refresher(model=model, tokenizer=p.tokenizer, max_staleness=2, run_id="r1")
+    # the run's copy starts as the offline signal (shards 0..3 at step 0); move shards 1 and 3 to step 9
+    sig = run_signal(stage, p.train_store, "r1")
+    info, _ = refresher.refresh(stage, p.train, p.train_store, 0)
+    assert info["stale"] == 0 and {r.version for r in sig.records().values()} == {0}
+    for shard in (1, 3):
+        sig.write_shard(shard, stage.compute(p.train.rows(*sig.shard_range(shard))), version=9)
     before = {s: r.generation for s, r in sig.records().items()}
-    info, _ = Refresher(model=model, tokenizer=p.tokenizer, max_staleness=2).refresh(stage, p.train, p.train_store,
-                                                                                      10)
+    info, _ = refresher.refresh(stage, p.train, p.train_store, 10)
     after = {s: r.generation for s, r in sig.records().items()}
     assert info["stale"] == 2
     assert sorted(s for s in after if after[s] != before[s]) == [0, 2]
     assert all(sig.record(s).version == 10 for s in (0, 2))
-    info, _ = Refresher(model=model, tokenizer=p.tokenizer, max_staleness=2).refresh(stage, p.train, p.train_store,
-                                                                                      10)
+    info, _ = refresher.refresh(stage, p.train, p.train_store, 10)
     assert info["stale"] == 0
-
+    offline = p.train_store.signal(stage.signal().name, stage.signal().spec, dtype="float32", dim=2)
+    assert {r.version for r in offline.records().values()} == {0}  # the offline signal is never written
 
 
 def test_less_with_refresh_recomputes_gradients_with_the_live_model(run_cfg, tmp_path):
@@ -162,16 +163,16 @@ def test_less_with_refresh_recomputes_gradients_with_the_live_model(run_cfg, tmp
     train(cfg)
     decisions = [json.loads(x) for x in (tmp_path / "flexfeed_decisions.jsonl").read_text().splitlines()]
     refreshed = [d["refresh"] for d in decisions if d["decision"]]
-    # offline features are from step 0: stale at step 4 and again at step 8 (4 shards of train rows)
+    # sgd features of the model as loaded are the live definition at step 0: the run's copy starts from
+    # them, stale at step 4 and again at step 8 (4 shards of train rows)
     assert [r["grads/train"]["stale"] for r in refreshed] == [4, 4]
     assert [r["grads_sgd/target"]["stale"] for r in refreshed] == [1, 1]
+    read = [d["signals"]["grads/train"] for d in decisions if d["decision"]]
+    assert [[v["versions"] for v in r] for r in read] == [[[4, 4]], [[8, 8]]]  # one live variant
     p = prepare(cfg)
-    from store.hashing import stable_hash
-
-    run_id = stable_hash({"run": str(tmp_path.resolve())})
-    run_sigs = [s for s in p.train_store.signals() if s.meta.spec.get("run") == run_id]
-    assert run_sigs and {r.version for r in run_sigs[0].records().values()} == {8}
-    offline = [s for s in p.train_store.signals() if s.name == run_sigs[0].name and "run" not in s.meta.spec
+    run_sig = p.train_store.get(read[-1][0]["key"])
+    assert {r.version for r in run_sig.records().values()} == {8} and run_sig.meta.spec.get("run")
+    offline = [s for s in p.train_store.signals() if s.name == run_sig.name and "run" not in s.meta.spec
                and s.records()]
     assert offline and all({r.version for r in s.records().values()} == {0} for s in offline)  # untouched
 

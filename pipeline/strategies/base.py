@@ -26,6 +26,19 @@ class SignalNeed:
     """`train` (the rows being scheduled) or `target` (the eval/target set)."""
     refresh: bool = True
     """Recompute shards older than max_staleness with the current model (False: offline only)."""
+    live: bool = False
+    """The method is defined on the live model's values at every decision (e.g. a loss change): refreshed
+    at each decision unless `refresh.max_staleness` says otherwise; a config that cannot refresh it is
+    refused before training starts."""
+    rows: str = "all"
+    """`all` (every row, made fresh before the decision) or `probe` (only the rows the strategy asks
+    for through `get_rows_all` are computed, e.g. a few rows per cluster)."""
+
+    def __post_init__(self):
+        if self.rows not in ("all", "probe"):
+            raise ValueError(f"SignalNeed.rows must be 'all' or 'probe', got {self.rows!r}")
+        if self.live and not self.refresh:
+            raise ValueError(f"signal {self.name!r} cannot be live and never refreshed")
 
 
 @dataclass(kw_only=True)

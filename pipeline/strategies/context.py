@@ -19,6 +19,9 @@ class SignalSource(Protocol):
     def get_all(self, name: str, split: str = "train") -> list[tuple[dict, np.ndarray]]:
         """Several variants of a signal (e.g. one per checkpoint) with their metadata (`lr`, ...)."""
 
+    def get_rows_all(self, name: str, rows: np.ndarray, split: str = "train") -> list[tuple[dict, np.ndarray]]:
+        """Like get_all, for the given rows only (a `probe` need: only these rows are computed)."""
+
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Inner-product kNN over the split's signal (FAISS): (scores, row ids), each (Q, k)."""
 
@@ -49,6 +52,7 @@ class InMemorySignals:
     def __init__(self, train: dict | None = None, target: dict | None = None, variants: dict | None = None):
         self._data = {"train": dict(train or {}), "target": dict(target or {})}
         self._variants = dict(variants or {})  # (name, split) -> [(meta, array)]
+        self.rows_read: list[tuple[str, str, np.ndarray]] = []  # what get_rows_all was asked for
 
     def get(self, name: str, split: str = "train") -> np.ndarray:
         try:
@@ -63,6 +67,11 @@ class InMemorySignals:
         if (name, split) in self._variants:
             return [(dict(m), np.asarray(a)) for m, a in self._variants[(name, split)]]
         return [({"lr": 1.0}, self.get(name, split))]
+
+    def get_rows_all(self, name: str, rows: np.ndarray, split: str = "train") -> list[tuple[dict, np.ndarray]]:
+        rows = np.asarray(rows, dtype=np.int64)
+        self.rows_read.append((name, split, rows.copy()))
+        return [(meta, values[rows]) for meta, values in self.get_all(name, split)]
 
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         base = np.asarray(self.get(name, split), dtype=np.float32)

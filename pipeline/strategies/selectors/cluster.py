@@ -16,7 +16,7 @@ import numpy as np
 
 from ..base import Selection, Selector, SignalNeed
 from ..registry import SELECTORS
-from .less import LESS_NEEDS, less_scores
+from .less import less_scores
 from .reading import train_signal
 from .sampling import check_count, weighted_sample
 from .summary import selection_info
@@ -83,7 +83,11 @@ class ClusterSelector(Selector):
 
     def needs(self) -> list[SignalNeed]:
         """Embeddings for clustering, plus gradients (LESS) or the current loss for scoring."""
-        scoring = list(LESS_NEEDS) if self.params.score == "grads" else [SignalNeed("loss", "train")]
+        if self.params.score == "grads":
+            # gradients of the probe rows only (computed when scored), the target's for all its rows
+            scoring = [SignalNeed("grads", "train", rows="probe"), SignalNeed("grads_sgd", "target")]
+        else:
+            scoring = [SignalNeed("loss", "train", rows="probe")]
         return [SignalNeed("embed", "train", refresh=False), *scoring]
 
     def clusters(self, ctx) -> np.ndarray:
@@ -106,7 +110,8 @@ class ClusterSelector(Selector):
         if self.params.score == "grads":
             probe_scores = less_scores(ctx, rows=probes)
         else:
-            probe_scores = train_signal(ctx, "loss", 1)[probes].astype(np.float64)
+            ((_, probe_loss),) = ctx.signals.get_rows_all("loss", probes, "train")
+            probe_scores = np.asarray(probe_loss, dtype=np.float64).reshape(len(probes), -1)[:, 0]
         finite = probe_scores[np.isfinite(probe_scores)]
         # A row without a usable score counts as the worst scored one, not as a hole in the mean.
         probe_scores = np.where(np.isfinite(probe_scores), probe_scores, finite.min() if finite.size else 0.0)

@@ -58,8 +58,8 @@ class DeltaLossSelector(Selector):
         self.history: list[np.ndarray] = []  # losses at the last `window_decisions` decisions, oldest first
 
     def needs(self) -> list[SignalNeed]:
-        """The current model's per-sample loss."""
-        return [SignalNeed("loss", "train")]
+        """The current model's per-sample loss, recomputed at every decision (forward passes only)."""
+        return [SignalNeed("loss", "train", live=True)]
 
     def baseline(self) -> np.ndarray | None:
         """The loss the current one is compared with (None at the first decision)."""

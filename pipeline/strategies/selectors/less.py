@@ -22,7 +22,6 @@ from .summary import selection_info
 
 # Rows normalised at a time: bounds the float32 copy for large train sets.
 BLOCK_ROWS = 65536
-LESS_NEEDS = [SignalNeed("grads", "train"), SignalNeed("grads_sgd", "target")]
 
 
 @dataclass(kw_only=True)
@@ -37,9 +36,14 @@ class LessParams:
             raise ValueError(f"task_reduce must be 'max' or 'mean', got {self.task_reduce!r}")
 
 
-def checkpoint_pairs(ctx, target_signal: str = "grads_sgd") -> list[tuple[float, np.ndarray, np.ndarray]]:
-    """(lr, train features, target features) per checkpoint, paired in the stores' variant order."""
-    train = ctx.signals.get_all("grads", "train")
+def checkpoint_pairs(ctx, target_signal: str = "grads_sgd", rows: np.ndarray | None = None,
+                     ) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """(lr, train features, target features) per checkpoint, paired in the stores' variant order;
+    with `rows`, the train features of those rows only (only they are computed)."""
+    if rows is None:
+        train = ctx.signals.get_all("grads", "train")
+    else:
+        train = ctx.signals.get_rows_all("grads", rows, "train")
     target = ctx.signals.get_all(target_signal, "target")
     if not train:
         raise FlexfeedError("signal 'grads' of the train split has no variants", "run the grads stage")
@@ -54,7 +58,7 @@ def checkpoint_pairs(ctx, target_signal: str = "grads_sgd") -> list[tuple[float,
         if "lr" not in meta and len(train) > 1:
             raise FlexfeedError("a 'grads' variant has no 'lr' in its metadata",
                                 "record each checkpoint's learning rate when computing gradients")
-        g_train = check_rows(np.asarray(g_train), "grads", ctx.num_rows, 2)
+        g_train = check_rows(np.asarray(g_train), "grads", ctx.num_rows if rows is None else len(rows), 2)
         g_target = np.asarray(g_target)
         if g_target.ndim != 2 or g_target.shape[1] != g_train.shape[1]:
             raise FlexfeedError(f"target {target_signal!r} has shape {g_target.shape}, train 'grads' {g_train.shape}",
@@ -67,7 +71,7 @@ def less_scores(ctx, rows: np.ndarray | None = None, task_reduce: str = "max",
                 target_signal: str = "grads_sgd") -> np.ndarray:
     """LESS score of every train row (or of `rows` only), see the module doc; `target_signal` names
     the target gradients (`grads_sgd`, or NICE's `grads_nice`)."""
-    pairs = checkpoint_pairs(ctx, target_signal)
+    pairs = checkpoint_pairs(ctx, target_signal, rows)
     num_targets = pairs[0][2].shape[0]
     task_of, tasks = target_tasks(ctx, num_targets)
     per_task = None
@@ -78,7 +82,7 @@ def less_scores(ctx, rows: np.ndarray | None = None, task_reduce: str = "max",
         t = unit_rows(g_target)
         # The mean cosine over a task's targets is the cosine sum with the task's mean unit vector.
         centres = np.stack([t[task_of == task].mean(axis=0) for task in tasks], axis=1)
-        g = g_train if rows is None else g_train[rows]
+        g = g_train
         contrib = np.concatenate([unit_rows(g[i:i + BLOCK_ROWS]) @ centres for i in range(0, len(g), BLOCK_ROWS)])
         contrib = lr * contrib.astype(np.float64)
         per_task = contrib if per_task is None else per_task + contrib

@@ -73,8 +73,8 @@ class LossSelector(Selector):
     Params = LossParams
 
     def needs(self) -> list[SignalNeed]:
-        """The current model's per-sample loss."""
-        return [SignalNeed("loss", "train")]
+        """The current model's per-sample loss, recomputed at every decision (forward passes only)."""
+        return [SignalNeed("loss", "train", live=True)]
 
     def select(self, ctx, num_samples: int) -> Selection:
         """Split rows into loss terciles, give each its weighted quota, draw inside by loss or uniformly."""
