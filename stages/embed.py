@@ -91,17 +91,25 @@ class EmbedStage(Stage):
 
     # -- description ----------------------------------------------------------
     def identity(self) -> dict:
+        """The encoder in the key: its files' content hash (sentence-transformers) or model_identity."""
         if self._identity is None:
             from .models import model_identity
 
             if self.backend == "sentence-transformers":
                 from store.hashing import fingerprint_directory
 
-                self._identity = {"model": self.model_args.model_name_or_path,
-                                  "weights": fingerprint_directory(self.model_args.model_name_or_path)}
+                self._identity = {"weights": fingerprint_directory(self.model_args.model_name_or_path)}
             else:
                 self._identity = model_identity(self.model_args)
         return self._identity
+
+    def sources(self) -> dict[str, str]:
+        """Where the encoder was read from (metadata for `store info`, not keyed)."""
+        from .models import model_sources, source_path
+
+        if self.backend == "sentence-transformers":
+            return {"embedder": source_path(self.model_args.model_name_or_path)}
+        return model_sources(self.model_args)
 
     def dim(self) -> int:
         if self._dim is None:
@@ -118,7 +126,7 @@ class EmbedStage(Stage):
         spec = {"kind": "embed", "model": self.identity(), "family": "st" if self.backend == "sentence-transformers"
                 else "causal", "pooling": self.args.pooling, "layer": self.args.layer,
                 "max_length": self.max_length, "code": self.code_version}
-        return SignalDesc("embed", spec, "float16", self.dim())
+        return SignalDesc("embed", spec, "float16", self.dim(), sources=self.sources())
 
     def model_version(self) -> tuple[int, str]:
         return 0, self.identity().get("weights", "")

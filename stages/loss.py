@@ -59,8 +59,11 @@ class LossStage(Stage):
         return self._identity
 
     def signal(self) -> SignalDesc:
+        """`loss` or `ref_loss`, keyed by the model's content; its folders go to the unkeyed sources."""
+        from .models import model_sources
+
         spec = {"kind": "loss", "model": self.identity(), "code": self.code_version}
-        return SignalDesc(self.args.signal, spec, "float32", 2)
+        return SignalDesc(self.args.signal, spec, "float32", 2, sources=model_sources(self.model_args))
 
     def model_version(self) -> tuple[int, str]:
         ident = self.identity()

@@ -8,15 +8,13 @@ from pathlib import Path
 
 from stages.args import ModelArgs
 from store.errors import FlexfeedError
-from store.hashing import WEIGHT_SUFFIXES, fingerprint_directory, stable_hash
+from store.hashing import file_digest, fingerprint_directory, stable_hash
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 FINETUNING_TYPES = ("lora", "full")
 LORA_INIT_SEED = 0
-# (path, stat of every weight file) -> fingerprint: rehashing gigabytes per call would dominate a stage
-_WEIGHTS_CACHE: dict[tuple, str] = {}
 
 
 def _model_dir(path: str) -> Path:
@@ -157,30 +155,19 @@ def lora_parameters(model) -> list[tuple[str, object]]:
     return params
 
 
-def _weights_fingerprint(root: Path) -> str:
-    stats = []
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
-        st = f.stat()
-        stats.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
-    key = (str(root.resolve()), tuple(stats))
-    if key not in _WEIGHTS_CACHE:
-        _WEIGHTS_CACHE[key] = fingerprint_directory(root)
-    return _WEIGHTS_CACHE[key]
-
-
-def adapter_fingerprint(path: str) -> str:
+def adapter_fingerprint(path: str | os.PathLike) -> str:
     """Hash of an adapter's weights and settings (not the base-model path it records, nor optimizer files)."""
     root = adapter_dir(path)
     config = json.loads((root / ADAPTER_CONFIG).read_text())
     # the base model's path differs between machines; its weights are keyed separately
     for key in ("base_model_name_or_path", "revision"):
         config.pop(key, None)
-    weights = {name: fingerprint_directory(root / name) for name in ADAPTER_WEIGHTS if (root / name).is_file()}
+    weights = {name: file_digest(root / name) for name in ADAPTER_WEIGHTS if (root / name).is_file()}
     return stable_hash({"config": config, "weights": weights})
 
 
 def model_identity(args: ModelArgs) -> dict:
-    """What identifies the model in a signal key: path, weight hash, adapter hash, finetuning settings."""
+    """What identifies the model in a signal key: weight hash, adapter hash, finetuning settings (no path)."""
     _check(args)
     root = _model_dir(args.model_name_or_path)
     lora = None
@@ -189,10 +176,22 @@ def model_identity(args: ModelArgs) -> dict:
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank,
                 "dropout": args.lora_dropout, "target": target}
     return {
-        "model": os.fspath(args.model_name_or_path),
-        "weights": _weights_fingerprint(root),
+        "weights": fingerprint_directory(root),
         "adapter": adapter_fingerprint(args.adapter_name_or_path) if args.adapter_name_or_path else None,
         "finetuning_type": args.finetuning_type,
         "lora": lora,
         "dtype": args.torch_dtype,
     }
+
+
+def source_path(path: str | os.PathLike) -> str:
+    """A path as `store info` shows it: absolute, user home expanded (metadata, never part of a key)."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def model_sources(args: ModelArgs) -> dict[str, str]:
+    """Where the model (and adapter) files were read from, for a signal's unkeyed ``sources``."""
+    out = {"model": source_path(args.model_name_or_path)}
+    if args.adapter_name_or_path:
+        out["adapter"] = source_path(args.adapter_name_or_path)
+    return out

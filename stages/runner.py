@@ -80,9 +80,9 @@ def default_workers(args: RunnerArgs) -> int:
 
 
 def stage_signal(stage: Stage, store: Store):
-    """The store signal a stage writes (created empty if new)."""
+    """The store signal a stage writes (created empty if new, with the stage's sources as metadata)."""
     desc = stage.signal()
-    return store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim)
+    return store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim, sources=desc.sources)
 
 
 def plan_shards(stage: Stage, store: Store, *, version: int | None = None, max_staleness: int | None = None,

@@ -1,16 +1,14 @@
-"""What identifies a training checkpoint for gradient features: its files' hash, step and learning rate."""
+"""What identifies a training checkpoint for gradient features: its files' content hash, step and learning rate."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+from stages.models import ADAPTER_WEIGHTS, adapter_fingerprint
 from store.errors import FlexfeedError
-from store.hashing import HASH_HEX_CHARS
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+from store.hashing import file_digest, stable_hash
 
 
 def optimizer_files(checkpoint: str | os.PathLike) -> list[Path]:
@@ -30,25 +28,20 @@ def optimizer_files(checkpoint: str | os.PathLike) -> list[Path]:
 
 
 def checkpoint_identity(checkpoint: str | os.PathLike, with_optimizer: bool) -> str:
-    """sha256 over the adapter files (and optimizer files when they shape the values), by name and bytes."""
+    """Hash of the checkpoint's adapter (settings, weights) and, when they shape the values, optimizer files."""
     root = Path(checkpoint)
-    files = [root / n for n in ADAPTER_FILES if (root / n).is_file()]
-    if not any(f.name != "adapter_config.json" for f in files):
-        raise FlexfeedError(f"checkpoint {root} has no adapter_model.safetensors or adapter_model.bin",
+    if not any((root / n).is_file() for n in ADAPTER_WEIGHTS):
+        raise FlexfeedError(f"checkpoint {root} has no {' or '.join(ADAPTER_WEIGHTS)}",
                             hint="gradient features need LoRA checkpoints saved by the Trainer or PeftModel")
+    parts = {"adapter": adapter_fingerprint(str(root)), "optimizer": None}
     if with_optimizer:
         opt = optimizer_files(root)
         if not opt:
             raise FlexfeedError(f"checkpoint {root} has no optimizer state (optimizer.pt or global_step*/)",
                                 hint="save checkpoints with optimizer state, or use grad_type: sgd")
-        files += opt
-    h = hashlib.sha256()
-    for f in files:
-        h.update(os.path.relpath(f, root).encode() + b"\x00")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:HASH_HEX_CHARS]
+        # names relative to the checkpoint (global_step*/...), never the folder it sits in
+        parts["optimizer"] = {f.relative_to(root).as_posix(): file_digest(f) for f in opt}
+    return stable_hash(parts)
 
 
 def trainer_state(checkpoint: str | os.PathLike) -> dict:

@@ -82,7 +82,7 @@ class NiceTargetStage(GradsStage):
                 "nice": {"num_samples": self.args.nice_num_samples, "temperature": self.args.nice_temperature,
                          "max_new_tokens": self.args.nice_max_new_tokens, "reward": self.args.nice_reward,
                          "sampling": "plain", "baseline": "mean", "fallback": "sgd_reference"}}
-        return SignalDesc(name="grads_nice", spec=spec, dtype=base.dtype, dim=base.dim)
+        return SignalDesc(name="grads_nice", spec=spec, dtype=base.dtype, dim=base.dim, sources=base.sources)
 
     def setup(self) -> None:
         """Load the model and projector (as GradsStage) and the tokenizer's end-of-sequence ids."""

@@ -54,7 +54,7 @@ class GradsStage(Stage):
         return state
 
     def signal(self) -> SignalDesc:
-        """`grads` or `grads_sgd`, keyed by model, checkpoint files, projection and code version."""
+        """`grads` or `grads_sgd`, keyed by model and checkpoint content, projection and code version (no path)."""
         if self._spec is None:
             from stages.models import model_identity
 
@@ -65,7 +65,7 @@ class GradsStage(Stage):
                 lr_source = "trainer_state"
                 if lr is None and adam:
                     lr, lr_source = self._optimizer_lr(), "optimizer"
-                ckpt = {"path": self.checkpoint, "hash": checkpoint_identity(self.checkpoint, with_optimizer=adam),
+                ckpt = {"hash": checkpoint_identity(self.checkpoint, with_optimizer=adam),
                         "step": checkpoint_step(self.checkpoint), "lr": lr, "lr_source": lr_source if lr is not None else None}
             self._spec = {
                 "kind": "grads", "model": model_identity(self.model_args), "checkpoint": ckpt,
@@ -75,7 +75,17 @@ class GradsStage(Stage):
                 "normalize": self.args.normalize, "loss": "token_mean", "code_version": self.code_version,
             }
         name = "grads" if self.args.grad_type == "adam" else "grads_sgd"
-        return SignalDesc(name=name, spec=self._spec, dtype=self.args.dtype, dim=self.args.proj_dim)
+        return SignalDesc(name=name, spec=self._spec, dtype=self.args.dtype, dim=self.args.proj_dim,
+                          sources=self.sources())
+
+    def sources(self) -> dict[str, str]:
+        """Where the model, adapter and checkpoint were read from (metadata for `store info`, not keyed)."""
+        from stages.models import model_sources, source_path
+
+        out = model_sources(self.model_args)
+        if self.checkpoint is not None:
+            out["checkpoint"] = source_path(self.checkpoint)
+        return out
 
     def _optimizer_lr(self) -> float | None:
         from stages.grads.precondition import load_adam_state
