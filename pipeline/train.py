@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -209,7 +210,28 @@ def _zero3_gather(trainer):
     import deepspeed
 
     model = trainer.model
-    return lambda: deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return lambda: _zero3_computing(deepspeed, model)
+
+
+@contextlib.contextmanager
+def _zero3_computing(deepspeed, engine):
+    """Every ZeRO-3 parameter gathered while a refresh computes, handed back partitioned afterwards.
+
+    A refresh's backward stops at the per-sample gradient leaves, so ZeRO-3's post-backward hooks never
+    release the modules its forward marked active; they are released here, before re-partitioning.
+    """
+    params = list(engine.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        try:
+            yield
+        finally:
+            for p in params:
+                active = getattr(p, "ds_active_sub_modules", None)
+                if active:
+                    active.clear()
+            offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+            if offload is not None:
+                offload.get_param_coordinator().reset_step()
 
 
 def evaluate_domains(model, tokenizer, data, batch_size: int = 16) -> dict[str, float]:
