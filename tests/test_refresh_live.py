@@ -166,8 +166,20 @@ def test_refresh_off_reads_the_checkpoint_ensemble_and_fills_it_offline(run_cfg,
         np.testing.assert_array_equal(sig.read_all(), twin.read_all())
 
 
-def test_delta_loss_reads_fresh_losses_by_default(run_cfg, tmp_path):
+def test_delta_loss_reads_fresh_losses_by_default(run_cfg, tmp_path, monkeypatch):
     """Default settings: the loss is recomputed at every decision, so the second one ranks real changes."""
+    from pipeline.strategies.selectors.delta_loss import DeltaLossSelector
+
+    seen = []
+    original = DeltaLossSelector.select
+
+    def recording(self, ctx, num_samples):
+        res = original(self, ctx, num_samples)
+        seen.append((np.array(ctx.signals.get("loss", "train"), dtype=np.float64), res.indices.copy(),
+                     res.info["num_top"]))
+        return res
+
+    monkeypatch.setattr(DeltaLossSelector, "select", recording)
     path, _ = run_cfg
     cfg = load_config(path, [f"output_dir={tmp_path}", "train_type=select", "component=delta_loss", "warmup_step=4",
                              "update_step=4", "max_steps=12", "learning_rate=1.0e-2"])
@@ -177,6 +189,13 @@ def test_delta_loss_reads_fresh_losses_by_default(run_cfg, tmp_path):
     assert [d["signals"]["loss/train"][0]["versions"] for d in decided] == [[4, 4], [8, 8]]
     assert decided[0]["info"]["first_decision"] and not decided[1]["info"]["first_decision"]
     assert decided[1]["info"]["score_std"] > 0  # losses moved between the decisions
+    (first, _, _), (now, picked, num_top) = seen
+    drops = first - now
+    assert num_top == round(0.8 * 16) and np.unique(drops[picked[:num_top]]).size > 1
+    # the top part is exactly the rows with the largest drops (numpy's own ordering), not the lowest ids
+    expect = np.sort(drops)[::-1][:num_top]
+    np.testing.assert_allclose(np.sort(drops[picked[:num_top]])[::-1], expect)
+    assert sorted(picked[:num_top]) != list(range(num_top))
 
 
 @pytest.mark.parametrize("overrides,words", [
@@ -226,3 +245,21 @@ def test_cluster_computes_gradients_of_its_probe_rows_only(run_cfg, tmp_path, mo
     assert sorted(calls) == sorted([8, 8] + ([6] if not refresh else [6, 6])) and sum(calls) == 16 + target
     p = prepare(cfg)
     assert not any(s.records() for s in p.train_store.find("grads"))  # no train row's gradient stored
+
+
+def test_a_signal_mixing_model_versions_is_refused(tmp_path):
+    """Offline: shards of two models; live: shards further apart than max_staleness."""
+    from pipeline.signals import SignalRoute, check_versions, version_summary
+    from store.store import Store
+
+    store = Store.create(tmp_path / "s", dataset_fingerprint="f" * 20, num_rows=8, shard_rows=4)
+    sig = store.signal("loss", {"kind": "loss"}, dtype="float32", dim=2)
+    sig.write_shard(0, np.ones((4, 2), dtype=np.float32), version=0, model="ckpt-a")
+    sig.write_shard(1, np.ones((4, 2), dtype=np.float32), version=7, model="ckpt-b")
+    summary = version_summary(sig)
+    assert summary["versions"] == [0, 7] and summary["models"] == ["ckpt-a", "ckpt-b"]
+    with pytest.raises(FlexfeedError, match="2 different models"):
+        check_versions(SignalRoute("loss", "train", False, []), summary)
+    with pytest.raises(FlexfeedError, match="versions 0 to 7, more than max_staleness=5"):
+        check_versions(SignalRoute("loss", "train", True, [], max_staleness=5), summary)
+    check_versions(SignalRoute("loss", "train", True, [], max_staleness=7), summary)
