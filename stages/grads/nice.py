@@ -92,9 +92,9 @@ class NiceTargetStage(GradsStage):
             super().setup()
             self._set_eos(load_tokenizer(self.model_args))
 
-    def bind_model(self, model, tokenizer) -> None:
-        """Compute with an already-loaded (training) model."""
-        super().bind_model(model, tokenizer)
+    def bind_model(self, model, tokenizer, adam_state=None) -> None:
+        """Compute with an already-loaded (training) model (sgd features: no Adam state is read)."""
+        super().bind_model(model, tokenizer, adam_state)
         self._set_eos(tokenizer)
 
     def _set_eos(self, tokenizer) -> None:

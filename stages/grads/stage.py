@@ -16,7 +16,7 @@ from store.errors import FlexfeedError
 GRAD_TYPES = ("adam", "sgd")
 
 
-def _check(args: GradsArgs, checkpoint: str | None) -> None:
+def _check(args: GradsArgs, checkpoint: str | None, live: bool = False) -> None:
     if args.grad_type not in GRAD_TYPES:
         raise FlexfeedError(f"grads.grad_type {args.grad_type!r} is unknown", hint="use 'adam' or 'sgd'")
     if args.proj_type not in PROJ_TYPES:
@@ -27,7 +27,7 @@ def _check(args: GradsArgs, checkpoint: str | None) -> None:
     if args.proj_dim < 1 or args.batch_size < 1:
         raise FlexfeedError(f"grads.proj_dim ({args.proj_dim}) and grads.batch_size ({args.batch_size}) must be >= 1",
                             hint="e.g. proj_dim: 8192, batch_size: 16")
-    if args.grad_type == "adam" and checkpoint is None:
+    if args.grad_type == "adam" and checkpoint is None and not live:
         raise FlexfeedError("grads.grad_type adam needs a checkpoint with optimizer state, none given",
                             hint="list Trainer checkpoint directories under grads.checkpoints, or use grad_type: sgd")
 
@@ -37,9 +37,14 @@ class GradsStage(Stage):
 
     code_version = "grads-1"
 
-    def __init__(self, model_args: ModelArgs, args: GradsArgs, checkpoint: str | None = None):
-        _check(args, checkpoint)
+    def __init__(self, model_args: ModelArgs, args: GradsArgs, checkpoint: str | None = None, *, live: bool = False):
+        _check(args, checkpoint, live)
+        if live and checkpoint is not None:
+            raise FlexfeedError("a live gradient stage computes with the training model, not a checkpoint",
+                                hint="build it with checkpoint=None")
         self.args = args
+        # live: the training model at a decision, preconditioned (adam) by the live optimizer's moments
+        self.live = live
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         # the checkpoint's adapter is the model whose gradients we take
         self.model_args = replace(model_args, adapter_name_or_path=self.checkpoint) if checkpoint else model_args
@@ -74,6 +79,9 @@ class GradsStage(Stage):
                 "proj_structure": self.args.proj_structure, "seed": self.args.seed,
                 "normalize": self.args.normalize, "loss": "token_mean", "code_version": self.code_version,
             }
+            if self.live and adam:
+                # no checkpoint's moments: the run's optimizer state at each decision (a run-scoped signal)
+                self._spec["preconditioner"] = "live_optimizer"
         name = "grads" if self.args.grad_type == "adam" else "grads_sgd"
         return SignalDesc(name=name, spec=self._spec, dtype=self.args.dtype, dim=self.args.proj_dim,
                           sources=self.sources())
@@ -86,6 +94,10 @@ class GradsStage(Stage):
         if self.checkpoint is not None:
             out["checkpoint"] = source_path(self.checkpoint)
         return out
+
+    def live_state_keys(self) -> tuple[str, ...]:
+        """Live training state bound at each refresh: the optimizer's moments for live adam features."""
+        return ("adam_state",) if self.live and self.args.grad_type == "adam" else ()
 
     def _optimizer_lr(self) -> float | None:
         from stages.grads.precondition import load_adam_state
@@ -108,8 +120,9 @@ class GradsStage(Stage):
             model = model.to("cuda")
         self.bind_model(model, load_tokenizer(self.model_args))
 
-    def bind_model(self, model, tokenizer) -> None:
-        """Compute with an already-loaded (training) model: same projection, the checkpoint's Adam moments."""
+    def bind_model(self, model, tokenizer, adam_state=None) -> None:
+        """Compute with an already-loaded model: same projection; Adam moments from `adam_state` (the live
+        optimizer's, for a live stage) or from the checkpoint."""
         from stages.grads.features import build_projector
         from stages.grads.precondition import AdamPreconditioner, load_adam_state
 
@@ -118,9 +131,14 @@ class GradsStage(Stage):
         self._projector = build_projector(model, self.args.proj_dim, proj_type=self.args.proj_type,
                                           seed=self.args.seed, structure=self.args.proj_structure)
         if self.args.grad_type == "adam":
-            params = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+            if adam_state is None and self.checkpoint is None:
+                raise FlexfeedError("a live adam gradient stage needs the optimizer's moments",
+                                    hint="bind it with adam_state (pipeline.live_state.live_adam_state)")
+            if adam_state is None:
+                params = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+                adam_state = load_adam_state(self.checkpoint, params)
             device = next(model.parameters()).device
-            self._preconditioner = AdamPreconditioner(load_adam_state(self.checkpoint, params), device=device)
+            self._preconditioner = AdamPreconditioner(adam_state, device=device)
 
     def compute(self, rows: dict[str, list]) -> np.ndarray:
         """(len(rows), proj_dim) float32 features, in length-sorted batches of batch_size rows."""
