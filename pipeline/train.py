@@ -17,11 +17,11 @@ from store.errors import FlexfeedError
 from store.hashing import stable_hash
 
 from .jobs import Prepared, prepare
+from .live_state import live_adam_state, live_lr
 from .plan import Windows, rng_for
 from .rows import RowCollator, RowsDataset
 from .run_files import DECISIONS_FILE, MIX_FILE, RUN_FILE, WEIGHTS_FILE
 from .scheduler import Scheduler
-from .live_state import live_adam_state, live_lr
 from .signals import Refresher, StoreSignals, ValueCache, plan_routes
 from .state_io import load_state, save_state
 from .strategies import DecisionContext, registry_for
