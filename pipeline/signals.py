@@ -100,7 +100,8 @@ def run_signal(stage, store, run_id: str):
     if not run_id:
         raise FlexfeedError("a refresh needs the run's id", "pass run_id to the Refresher")
     desc = stage.signal()
-    return store.signal(desc.name, {**desc.spec, "run": run_id}, dtype=desc.dtype, dim=desc.dim)
+    return store.signal(desc.name, {**desc.spec, "run": run_id}, dtype=desc.dtype, dim=desc.dim,
+                        sources=desc.sources)
 
 
 def offline_twin(stage, store):

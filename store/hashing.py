@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -59,6 +60,24 @@ def fingerprint_records(records: Iterable, settings: Mapping | None = None) -> s
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt")
+# a Trainer's bookkeeping beside the weights: not the model, and some of it records folders
+# (training_args.bin holds output_dir, trainer_state.json the best checkpoint's path)
+TRAINER_FILES = frozenset({"optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "training_args.bin",
+                           "trainer_state.json", "flexfeed_state.json", "flexfeed_run.json"})
+TRAINER_DIRS = re.compile(r"^(checkpoint-\d+|global_step\d+|runs)$")
+
+
+def model_files(root: Path, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> list[Path]:
+    """The files that make a model folder's content: weights, configs, tokenizer; not a Trainer's state."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).parts
+        if not p.is_file() or not p.name.endswith(suffixes) or p.name in TRAINER_FILES:
+            continue
+        if p.name.startswith("rng_state") or any(TRAINER_DIRS.match(part) for part in rel[:-1]):
+            continue
+        out.append(p)
+    return out
 
 # resolved path -> (stat signature, digest): a file is read once per process while it is unchanged
 _FILE_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -89,13 +108,14 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def fingerprint_directory(path: str | os.PathLike, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> str:
-    """Hash every weight/config file under ``path`` by name relative to it and bytes (not its folder, not mtimes)."""
+    """Hash every weight/config file under ``path`` by name relative to it and bytes (not its folder, not mtimes,
+    not a Trainer's optimizer, scheduler, RNG or arguments files, nor checkpoint folders inside it)."""
     root = Path(path)
     if root.is_file():
         files = [root]
         root = root.parent
     else:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+        files = model_files(root, suffixes)
     if not files:
         raise FileNotFoundError(f"no model files under {path}")
     h = hashlib.sha256()

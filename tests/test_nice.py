@@ -220,12 +220,13 @@ def test_nice_trains_end_to_end_and_logs_decisions(tiny_checkpoint, tmp_path):
     assert [d["step"] for d in decisions] == [4, 8]
     assert all(sum(d["per_domain"].values()) == 16 for d in decisions)
     # the grads stage computed the target policy gradients offline: the decisions read them as stored
-    assert [d["refresh"]["grads_nice/target"]["source"] for d in decisions] == ["offline", "offline"]
+    assert [[v["source"] for v in d["signals"]["grads_nice/target"]] for d in decisions] == [["offline"]] * 2
+    assert all("refresh" not in d and "offline_filled" not in d for d in decisions)
     sigs = [s for s in prepare(cfg).target_store.signals() if s.name == "grads_nice"]
     assert sigs and all(s.meta.spec["nice"]["max_new_tokens"] == 4 and s.is_complete() for s in sigs)
 
 
-def test_nice_target_features_missing_offline_are_computed_at_the_first_decision(tiny_checkpoint, tmp_path):
+def test_nice_target_features_missing_offline_are_computed_by_the_offline_stage_at_the_first_decision(tiny_checkpoint, tmp_path):
     from pipeline.config import load_config
     from pipeline.train import train
     from tests.run_fixtures import make_run_dir
@@ -236,5 +237,7 @@ def test_nice_target_features_missing_offline_are_computed_at_the_first_decision
     train(cfg)
     lines = (tmp_path / "out" / "flexfeed_decisions.jsonl").read_text().splitlines()
     decisions = [d for d in map(json.loads, lines) if d["decision"]]
-    assert [d["refresh"]["grads_nice/target"]["stale"] for d in decisions] == [1]
-    assert decisions[0]["refresh"]["grads/train"]["stale"] == 4
+    # refresh off: the offline stages (the model as loaded) compute the missing shards, not a refresh
+    # (the fixture's train gradients are sgd ones, so their signal is named grads_sgd)
+    assert decisions[0]["offline_filled"] == {"grads_nice": 1, "grads_sgd": 4}
+    assert [v["source"] for v in decisions[0]["signals"]["grads_nice/target"]] == ["offline"]

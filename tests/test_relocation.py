@@ -278,3 +278,29 @@ def test_a_signal_header_without_sources_still_loads(tmp_path):
     assert again.meta.sources == {} and again.key == sig.key
     # sources are not keyed: the same spec with other sources is the same signal
     assert st_.signal("loss", {"m": 1}, sources={"model": "/elsewhere"}).key == sig.key
+
+
+def test_a_trainer_s_bookkeeping_beside_the_weights_is_not_the_model(tmp_path):
+    """Two saves of the same weights by runs with different output folders have one identity."""
+    import hashlib
+
+    from store.hashing import fingerprint_directory
+
+    for run in ("a", "b"):
+        d = tmp_path / run
+        (d / "checkpoint-2").mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"weights")
+        (d / "config.json").write_text('{"hidden_size": 8}')
+        (d / "training_args.bin").write_bytes(f"output_dir={d}".encode())
+        (d / "trainer_state.json").write_text(f'{{"best_model_checkpoint": "{d}/checkpoint-2"}}')
+        (d / "optimizer.pt").write_bytes(run.encode())
+        (d / "rng_state.pth").write_bytes(run.encode())
+        (d / "checkpoint-2" / "model.safetensors").write_bytes(run.encode())
+    assert fingerprint_directory(tmp_path / "a") == fingerprint_directory(tmp_path / "b")
+    # by hand: the two model files by relative name and sha256, in sorted order
+    h = hashlib.sha256()
+    for name, data in (("config.json", b'{"hidden_size": 8}'), ("model.safetensors", b"weights")):
+        h.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+    assert fingerprint_directory(tmp_path / "a") == h.hexdigest()[:20]
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"other weights")
+    assert fingerprint_directory(tmp_path / "a") != fingerprint_directory(tmp_path / "b")
