@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.grads.precondition import AdamState
+from stages.grads.adam_state import AdamState
 from store.errors import FlexfeedError
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from stages.grads.precondition import AdamState, map_torch_state
+from stages.grads.adam_state import AdamState, map_torch_state
 from stages.grads.projection import canonical_name
 from store.errors import FlexfeedError
 
