@@ -11,11 +11,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from stages.args import EmbedArgs, ModelArgs
+from stages.base import SignalDesc, Stage
+from stages.batching import length_sorted_batches, pad_batch
 from store.errors import FlexfeedError
-
-from .args import EmbedArgs, ModelArgs
-from .base import SignalDesc, Stage
-from .batching import length_sorted_batches, pad_batch
 
 BACKENDS = ("auto", "hf", "vllm", "sentence-transformers")
 POOLINGS = ("last", "mean")
@@ -93,7 +92,7 @@ class EmbedStage(Stage):
     def identity(self) -> dict:
         """The encoder in the key: its files' content hash (sentence-transformers) or model_identity."""
         if self._identity is None:
-            from .models import model_identity
+            from stages.models import model_identity
 
             if self.backend == "sentence-transformers":
                 from store.hashing import fingerprint_directory
@@ -105,7 +104,7 @@ class EmbedStage(Stage):
 
     def sources(self) -> dict[str, str]:
         """Where the encoder was read from (metadata for `store info`, not keyed)."""
-        from .models import model_sources, source_path
+        from stages.models import model_sources, source_path
 
         if self.backend == "sentence-transformers":
             return {"embedder": source_path(self.model_args.model_name_or_path)}
@@ -134,7 +133,7 @@ class EmbedStage(Stage):
     # -- compute --------------------------------------------------------------
     def setup(self) -> None:
         if self.backend == "hf":
-            from .models import load_model, load_tokenizer
+            from stages.models import load_model, load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_args)
             self._model = load_model(self.model_args, trainable=False)

@@ -11,11 +11,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from stages.args import LossArgs, ModelArgs
+from stages.base import SignalDesc, Stage
+from stages.batching import IGNORE_INDEX, length_sorted_batches, pad_batch
 from store.errors import FlexfeedError
-
-from .args import LossArgs, ModelArgs
-from .base import SignalDesc, Stage
-from .batching import IGNORE_INDEX, length_sorted_batches, pad_batch
 
 
 def per_sample_loss(logits, labels):
@@ -53,14 +52,14 @@ class LossStage(Stage):
 
     def identity(self) -> dict:
         if self._identity is None:
-            from .models import model_identity
+            from stages.models import model_identity
 
             self._identity = model_identity(self.model_args)
         return self._identity
 
     def signal(self) -> SignalDesc:
         """`loss` or `ref_loss`, keyed by the model's content; its folders go to the unkeyed sources."""
-        from .models import model_sources
+        from stages.models import model_sources
 
         spec = {"kind": "loss", "model": self.identity(), "code": self.code_version}
         return SignalDesc(self.args.signal, spec, "float32", 2, sources=model_sources(self.model_args))
@@ -70,7 +69,7 @@ class LossStage(Stage):
         return 0, str(ident.get("adapter") or ident.get("weights") or "")
 
     def setup(self) -> None:
-        from .models import load_model, load_tokenizer
+        from stages.models import load_model, load_tokenizer
 
         self._tokenizer = load_tokenizer(self.model_args)
         self._model = load_model(self.model_args, trainable=False)

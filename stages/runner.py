@@ -11,12 +11,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from stages.args import RunnerArgs
+from stages.base import Stage
 from store.errors import FlexfeedError
 from store.hashing import stable_hash
 from store.store import Store
-
-from .args import RunnerArgs
-from .base import Stage
 
 INLINE = "inline"  # scheduler value: run in this process, no Dask (refresh during training, tiny jobs)
 
