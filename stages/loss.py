@@ -10,17 +10,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from stages.args import LossArgs, ModelArgs
 from stages.base import SignalDesc, Stage
 from stages.batching import IGNORE_INDEX, length_sorted_batches, pad_batch
+from stages.models import load_model, load_tokenizer, model_identity, model_sources
 from store.errors import FlexfeedError
 
 
 def per_sample_loss(logits, labels):
     """Token-mean cross-entropy per row and the token counts (labels already aligned to inputs)."""
-    import torch
-
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     tok = torch.nn.functional.cross_entropy(
@@ -52,15 +52,11 @@ class LossStage(Stage):
 
     def identity(self) -> dict:
         if self._identity is None:
-            from stages.models import model_identity
-
             self._identity = model_identity(self.model_args)
         return self._identity
 
     def signal(self) -> SignalDesc:
         """`loss` or `ref_loss`, keyed by the model's content; its folders go to the unkeyed sources."""
-        from stages.models import model_sources
-
         spec = {"kind": "loss", "model": self.identity(), "code": self.code_version}
         return SignalDesc(self.args.signal, spec, "float32", 2, sources=model_sources(self.model_args))
 
@@ -69,8 +65,6 @@ class LossStage(Stage):
         return 0, str(ident.get("adapter") or ident.get("weights") or "")
 
     def setup(self) -> None:
-        from stages.models import load_model, load_tokenizer
-
         self._tokenizer = load_tokenizer(self.model_args)
         self._model = load_model(self.model_args, trainable=False)
         self._model.eval()
@@ -84,8 +78,6 @@ class LossStage(Stage):
 
 def losses_of(model, input_ids: list[list[int]], labels: list[list[int]], batch_size: int, pad_id: int) -> np.ndarray:
     """(N, 2) array of (mean token loss, token count) with batched forwards, no gradients."""
-    import torch
-
     out = np.zeros((len(input_ids), 2), dtype=np.float32)
     with torch.no_grad():
         for idx in length_sorted_batches([len(r) for r in input_ids], batch_size):

@@ -10,6 +10,8 @@ from stages.args import ModelArgs
 from store.errors import FlexfeedError
 from store.hashing import file_digest, fingerprint_directory, stable_hash
 
+# torch, transformers and peft are imported inside the loaders: a model's identity (file digests)
+# and its checks need none of them.
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

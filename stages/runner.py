@@ -11,6 +11,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from stages.args import RunnerArgs
 from stages.base import Stage
 from store.errors import FlexfeedError
@@ -32,7 +34,7 @@ def _ready_stage(stage: Stage, threads: int) -> Stage:
     token = stage_token(stage)
     ready = _READY.get(token)
     if ready is None:
-        import torch
+        import torch  # deferred: only a worker setting a stage up needs torch, not the driver module
 
         torch.set_num_threads(max(1, threads))
         stage.setup()
@@ -133,8 +135,6 @@ def run_stage(stage: Stage, data, store: Store, runner: RunnerArgs | None = None
 
 
 def _progress(total: int, name: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="shard", desc=f"stage {name}", disable=not enabled, leave=False)
 
 

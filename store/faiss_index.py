@@ -27,7 +27,7 @@ INDEX_META = "index.json"
 
 
 def _faiss():
-    import faiss
+    import faiss  # deferred: opening a store, info and gc need no FAISS
 
     return faiss
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .atomic import is_temp_debris
 from .errors import LockBusy
+from .faiss_index import index_status
 from .hashing import checksum_array
 from .layout import (
     COMMITS_DIR,
@@ -46,8 +47,6 @@ def dir_bytes(path: Path) -> int:
 
 def info(store: Store, current_version: int | None = None, max_staleness: int | None = None) -> dict:
     """Signals with dims, dtypes, shard counts, versions, staleness, size on disk, specs and sources."""
-    from .faiss_index import index_status
-
     signals = []
     for sig in store.signals():
         records = sig.records()
@@ -170,8 +169,6 @@ def _remove_unless_locked(store: Store, path: Path, report: GcReport) -> None:
 
 def gc(store: Store) -> GcReport:
     """Remove what no commit record points at: temp files, uncommitted slots, orphan signals, stale indexes."""
-    from .faiss_index import index_status
-
     report = GcReport()
     for dirpath, _, files in os.walk(store.root):
         for f in files:

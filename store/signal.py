@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec
 
 from .atomic import fsync_dir
 from .errors import StoreError
@@ -352,8 +353,6 @@ class Signal:
 
 def _plain_chunks(array: zarr.Array) -> bool:
     """True when every chunk file holds raw native-order bytes (no compressor, no filter)."""
-    from zarr.codecs import BytesCodec
-
     codecs = getattr(array.metadata, "codecs", ())
     return (
         len(codecs) == 1 and isinstance(codecs[0], BytesCodec)

@@ -177,7 +177,8 @@ def test_a_relocated_store_model_and_checkpoints_recompute_nothing(origin, tmp_p
     def no_load(*args, **kwargs):
         raise AssertionError("a relocated run loaded a model")
 
-    monkeypatch.setattr("stages.models.load_model", no_load)
+    for module in ("stages.models", "stages.embed", "stages.loss", "stages.grads.stage"):
+        monkeypatch.setattr(f"{module}.load_model", no_load)
     _, again = _run(moved, moved_st)
     assert [r.computed for r in again] == [[] for _ in again]
     assert [r.key for r in again] == [r.key for r in results]

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from stages.grads.optim_layouts import find_deepspeed_dir
 from stages.models import ADAPTER_WEIGHTS, adapter_fingerprint
 from store.errors import FlexfeedError
 from store.hashing import file_digest, stable_hash
@@ -13,8 +14,6 @@ from store.hashing import file_digest, stable_hash
 
 def optimizer_files(checkpoint: str | os.PathLike) -> list[Path]:
     """The files holding a checkpoint's optimizer state (Trainer or DeepSpeed), without reading them."""
-    from stages.grads.optim_layouts import find_deepspeed_dir
-
     root = Path(checkpoint)
     for name in ("optimizer.pt", "optimizer.bin"):
         if (root / name).is_file():

@@ -21,12 +21,15 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from stages.args import GradsArgs, ModelArgs
 from stages.base import SignalDesc
 from stages.batching import IGNORE_INDEX, length_sorted_batches, pad_batch
+from stages.grads.features import compute_features
 from stages.grads.rewards import call_reward, load_reward
 from stages.grads.stage import GradsStage
+from stages.models import load_tokenizer
 from store.errors import FlexfeedError
 
 
@@ -86,8 +89,6 @@ class NiceTargetStage(GradsStage):
 
     def setup(self) -> None:
         """Load the model and projector (as GradsStage) and the tokenizer's end-of-sequence ids."""
-        from stages.models import load_tokenizer
-
         if self._model is None:
             super().setup()
             self._set_eos(load_tokenizer(self.model_args))
@@ -121,7 +122,6 @@ class NiceTargetStage(GradsStage):
 
     def _sample(self, prompt: list[int], seed: int) -> list[list[int]]:
         """num_samples completions of one prompt, seeded; the global RNG state is left as it was."""
-        import torch
         from transformers import GenerationConfig
 
         model = self._model
@@ -154,10 +154,6 @@ class NiceTargetStage(GradsStage):
 
     def _features(self, seqs: list[list[int]], labels: list[list[int]]):
         """(len(seqs), proj_dim) unnormalised projected gradients of each sequence's token-mean loss."""
-        import torch
-
-        from stages.grads.features import compute_features
-
         out = torch.zeros(len(seqs), self.args.proj_dim, dtype=torch.float32)
         for index in length_sorted_batches([len(s) for s in seqs], self.args.batch_size):
             batch = pad_batch([seqs[i] for i in index], [labels[i] for i in index], pad_id=self._pad_id)
@@ -166,8 +162,6 @@ class NiceTargetStage(GradsStage):
 
     def compute(self, rows: dict[str, list]) -> np.ndarray:
         """(len(rows), proj_dim) float32 policy-gradient features (SGD reference feature where rewards tie)."""
-        import torch
-
         rolls = self.rollouts(rows)
         m = self.args.nice_num_samples
         seqs, labels = [], []

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from stages.args import GradsArgs, ModelArgs
 from stages.base import SignalDesc, Stage
 from stages.batching import length_sorted_batches, pad_batch
 from stages.grads.checkpoint import checkpoint_identity, checkpoint_lr, checkpoint_step
+from stages.grads.features import build_projector, compute_features
+from stages.grads.precondition import AdamPreconditioner, load_adam_state
 from stages.grads.projection import PROJ_STRUCTURES, PROJ_TYPES
+from stages.models import load_model, load_tokenizer, model_identity, model_sources, source_path
 from store.errors import FlexfeedError
 
 GRAD_TYPES = ("adam", "sgd")
@@ -61,8 +65,6 @@ class GradsStage(Stage):
     def signal(self) -> SignalDesc:
         """`grads` or `grads_sgd`, keyed by model and checkpoint content, projection and code version (no path)."""
         if self._spec is None:
-            from stages.models import model_identity
-
             adam = self.args.grad_type == "adam"
             ckpt = None
             if self.checkpoint is not None:
@@ -88,8 +90,6 @@ class GradsStage(Stage):
 
     def sources(self) -> dict[str, str]:
         """Where the model, adapter and checkpoint were read from (metadata for `store info`, not keyed)."""
-        from stages.models import model_sources, source_path
-
         out = model_sources(self.model_args)
         if self.checkpoint is not None:
             out["checkpoint"] = source_path(self.checkpoint)
@@ -100,19 +100,12 @@ class GradsStage(Stage):
         return ("adam_state",) if self.live and self.args.grad_type == "adam" else ()
 
     def _optimizer_lr(self) -> float | None:
-        from stages.grads.precondition import load_adam_state
-        from stages.models import load_model
-
         model = load_model(self.model_args, trainable=True)
         params = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
         return load_adam_state(self.checkpoint, params).lr
 
     def setup(self) -> None:
         """Load the model (with the checkpoint's adapter), its Adam moments and the projector, once."""
-        import torch
-
-        from stages.models import load_model, load_tokenizer
-
         if self._model is not None:
             return
         model = load_model(self.model_args, trainable=True)
@@ -123,9 +116,6 @@ class GradsStage(Stage):
     def bind_model(self, model, tokenizer, adam_state=None) -> None:
         """Compute with an already-loaded model: same projection; Adam moments from `adam_state` (the live
         optimizer's, for a live stage) or from the checkpoint."""
-        from stages.grads.features import build_projector
-        from stages.grads.precondition import AdamPreconditioner, load_adam_state
-
         self._model = model
         self._pad_id = tokenizer.pad_token_id or 0
         self._projector = build_projector(model, self.args.proj_dim, proj_type=self.args.proj_type,
@@ -142,8 +132,6 @@ class GradsStage(Stage):
 
     def compute(self, rows: dict[str, list]) -> np.ndarray:
         """(len(rows), proj_dim) float32 features, in length-sorted batches of batch_size rows."""
-        from stages.grads.features import compute_features
-
         self.setup()
         input_ids, labels = rows["input_ids"], rows.get("labels") or rows["input_ids"]
         out = np.zeros((len(input_ids), self.args.proj_dim), dtype=np.float32)
