@@ -7,11 +7,11 @@ flexfeed never loads.
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.values import did_you_mean
 from store.errors import FlexfeedError
 
 INFO_FILE = "dataset_info.json"
@@ -43,11 +43,6 @@ class DatasetSpec:
     tags: dict[str, str] = field(default_factory=dict)
     split: str = "train"
     num_samples: int | None = None
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
-    return f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 def read_info(dataset_dir: str | Path) -> dict:
@@ -87,7 +82,7 @@ def _check_mapping(path: Path, name: str, key: str, value, allowed: dict, unsupp
             continue
         if k not in allowed:
             raise FlexfeedError(f"{path}: dataset {name!r}: unknown {key} key {k!r}",
-                                _did_you_mean(k, allowed) or f"allowed keys: {', '.join(allowed)}")
+                                did_you_mean(k, allowed))
         if v is not None and not isinstance(v, str):
             raise FlexfeedError(f"{path}: dataset {name!r}: {key}.{k} must be a string, got {v!r}",
                                 f'write "{k}": "<name>"')
@@ -98,7 +93,7 @@ def parse_entry(dataset_dir: str | Path, info: dict, name: str) -> DatasetSpec:
     """Validate one entry and fill in LLaMA-Factory's defaults."""
     info_path = Path(dataset_dir) / INFO_FILE
     if name not in info:
-        hint = _did_you_mean(name, info) or f"known datasets: {', '.join(sorted(info)) or '(none)'}"
+        hint = did_you_mean(name, info) if info else f"{info_path} lists no datasets: add an entry for {name!r}"
         raise FlexfeedError(f"dataset {name!r} is not in {info_path}", hint)
     entry = info[name]
     if not isinstance(entry, dict):
@@ -106,7 +101,7 @@ def parse_entry(dataset_dir: str | Path, info: dict, name: str) -> DatasetSpec:
     for key in entry:
         if key not in KNOWN_KEYS:
             raise FlexfeedError(f"{info_path}: dataset {name!r}: unknown key {key!r}",
-                                _did_you_mean(key, KNOWN_KEYS) or f"known keys: {', '.join(KNOWN_KEYS)}")
+                                did_you_mean(key, KNOWN_KEYS))
     if not entry.get("file_name"):
         remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in entry]
         raise FlexfeedError(

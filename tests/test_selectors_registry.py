@@ -57,7 +57,7 @@ def test_bad_parameter_values_are_refused():
         SELECTORS.build("loss", {"bucket_weights": [1, 1]})
     with pytest.raises(FlexfeedError, match="mode"):
         SELECTORS.build("delta_loss", {"mode": "biggest"})
-    with pytest.raises(FlexfeedError, match="must be float"):
+    with pytest.raises(FlexfeedError, match="must be a number"):
         SELECTORS.build("tsds", {"temperature": "hot"})
 
 

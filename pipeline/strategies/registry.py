@@ -3,44 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
-import types
 import typing
 
+from stages.values import coerce, did_you_mean
 from store.errors import FlexfeedError
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(sorted(choices))}"
-
-
-def _check_type(value, annotation, where: str):
-    """Light type check of a YAML value against a dataclass field annotation."""
-    hints = annotation
-    if isinstance(hints, str):
-        return value  # postponed annotations are checked by the class's own validation
-    origin = typing.get_origin(hints)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(hints):
-            if arg is type(None) and value is None:
-                return value
-            try:
-                return _check_type(value, arg, where)
-            except FlexfeedError as exc:
-                errors.append(exc)
-        raise errors[0] if errors else FlexfeedError(f"{where}: bad value {value!r}")
-    if hints is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hints in (int, float, str, bool) and not (isinstance(value, hints) and not (hints is int and isinstance(value, bool))):
-        raise FlexfeedError(f"{where} must be {hints.__name__}, got {value!r}", f"write a {hints.__name__} value")
-    if origin in (list, tuple) and not isinstance(value, (list, tuple)):
-        raise FlexfeedError(f"{where} must be a list, got {value!r}", "write a YAML list, e.g. [a, b]")
-    if origin is dict and not isinstance(value, dict):
-        raise FlexfeedError(f"{where} must be a mapping, got {value!r}", "write a YAML mapping")
-    return value
 
 
 def build_params(cls, params: dict | None, where: str):
@@ -50,8 +17,8 @@ def build_params(cls, params: dict | None, where: str):
     hints = typing.get_type_hints(cls)
     for key in params:
         if key not in fields:
-            raise FlexfeedError(f"unknown parameter {key!r} for {where}", _did_you_mean(key, fields))
-    kwargs = {k: _check_type(v, hints.get(k, object), f"{where}.{k}") for k, v in params.items()}
+            raise FlexfeedError(f"unknown parameter {key!r} for {where}", did_you_mean(key, fields))
+    kwargs = {k: coerce(v, hints.get(k, object), f"{where}.{k}") for k, v in params.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -102,7 +69,7 @@ class Registry:
         key = self._aliases.get(name, name)
         if key not in self._classes:
             known = list(self._classes) + list(self._aliases)
-            raise FlexfeedError(f"unknown {self.family} component {name!r}", _did_you_mean(name, known))
+            raise FlexfeedError(f"unknown {self.family} component {name!r}", did_you_mean(name, known))
         return self._classes[key]
 
     def build(self, name: str, params: dict | None = None, seed: int = 0):
