@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from ..registry import SELECTORS
-from .less import LessParams, LessSelector, less_scores
+from .less import LessParams, LessSelector
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -27,11 +25,6 @@ class NiceParams:
 
     def __post_init__(self):
         LessParams.__post_init__(self)
-
-
-def nice_scores(ctx, rows: np.ndarray | None = None, task_reduce: str = "max") -> np.ndarray:
-    """NICE score of every train row (or of `rows` only): LESS's score with `grads_nice` targets."""
-    return less_scores(ctx, rows, task_reduce, target_signal="grads_nice")
 
 
 @SELECTORS.register("nice")
