@@ -9,6 +9,8 @@ import typing
 from stages.values import coerce, did_you_mean
 from store.errors import FlexfeedError
 
+from .base import Mixer, Selector, Weighter
+
 
 def build_params(cls, params: dict | None, where: str):
     """Instantiate a Params dataclass from a dict, refusing unknown keys with a hint."""
@@ -77,8 +79,6 @@ class Registry:
         cls = self.resolve(name)
         return cls(build_params(cls.Params, params, f"{self.family} component {name!r}"), seed=seed)
 
-
-from .base import Mixer, Selector, Weighter  # noqa: E402
 
 SELECTORS = Registry("select", Selector)
 MIXERS = Registry("mix", Mixer)
