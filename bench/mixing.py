@@ -144,7 +144,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     logging.getLogger("flexfeed").setLevel(logging.ERROR)
     from pipeline.config import load_config
-    from pipeline.jobs import run_stage_job
+    from pipeline.stage_job import run_stage_job
     from pipeline.train import train
 
     datasets = {"easy": easy_rows(args.rows, 1), "hard": hard_rows(args.rows, 2),

@@ -121,7 +121,8 @@ def decision_records(out_dir: Path) -> list[dict]:
 
 def full_regrad_seconds(cfg, repeats: int) -> tuple[float, float, int]:
     """(compute seconds over every train row, setup seconds, rows): the grads stage in-process, no commit."""
-    from pipeline.jobs import prepare, stages_for
+    from pipeline.prepared import prepare
+    from pipeline.signal_stages import stages_for
 
     p = prepare(cfg, need_target=False)
     lengths = [len(r) for r in p.train.rows(0, len(p.train))["input_ids"]]
@@ -150,9 +151,10 @@ def decision_breakdown(cfg, repeats: int) -> dict:
     """
     import numpy as np
 
-    from pipeline.jobs import prepare, stages_for
     from pipeline.plan import rng_for
-    from pipeline.signals import StoreSignals, plan_routes, run_signal
+    from pipeline.prepared import prepare
+    from pipeline.refresh import StoreSignals, plan_routes, run_signal
+    from pipeline.signal_stages import stages_for
     from pipeline.strategies import DecisionContext
     from pipeline.strategies.selectors.less import LessSelector, less_scores
     from pipeline.strategies.selectors.sampling import ranking, take_ranked
@@ -214,7 +216,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     logging.getLogger("flexfeed").setLevel(logging.ERROR)
     from pipeline.config import load_config
-    from pipeline.jobs import run_stage_job
+    from pipeline.stage_job import run_stage_job
 
     # every row is longer than cutoff_len, so every row is cut to the same length and a training step costs
     # the same whichever rows the selector picks: the wall-time difference is the decisions' cost

@@ -128,7 +128,7 @@ def _stage_command(which: str, doc: str):
     @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (default: a LocalCluster).")
     @one_line_errors
     def command(config, overrides, scheduler):
-        from .jobs import run_stage_job
+        from .stage_job import run_stage_job
 
         cfg = _load(config, overrides, training=False)
         if scheduler:

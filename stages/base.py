@@ -31,6 +31,8 @@ class Stage:
 
     #: bump when the producer's numerics change: part of every signal key it writes
     code_version: str = "1"
+    #: computes with autograd (gradient features): a refresh enables gradients for it
+    needs_grad: bool = False
 
     def signal(self) -> SignalDesc:
         """The signal this stage writes (spec = the content that determines the values, never a path)."""

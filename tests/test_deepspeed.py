@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.jobs import run_stage_job
+from pipeline.stage_job import run_stage_job
 from tests.run_fixtures import make_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,8 @@ def test_zero3_refresh_computes_with_gathered_parameters(ds_cfg, tmp_path):
     (learning rate 1e-9, LoRA B starts at zero) the refreshed losses equal the offline stage's."""
     import numpy as np
 
-    from pipeline.jobs import prepare, stages_for
+    from pipeline.prepared import prepare
+    from pipeline.signal_stages import stages_for
     out = tmp_path / "z3"
     _run([sys.executable, "-m", "pipeline.cli", "train", str(ds_cfg), f"deepspeed={DS_Z3}", f"output_dir={out}",
           "train_type=select", "component=loss", "warmup_step=4", "update_step=4", "refresh.max_staleness=2",
@@ -102,7 +103,7 @@ LIVE_ADAM = ["train_type=select", "component=less", "warmup_step=4", "update_ste
 
 def _live_grads(cfg, out):
     """The run's refreshed train gradients at each decision, by the keys its decisions logged."""
-    from pipeline.jobs import prepare
+    from pipeline.prepared import prepare
 
     decided = [json.loads(x) for x in (out / "flexfeed_decisions.jsonl").read_text().splitlines()]
     reads = [d["signals"]["grads/train"] for d in decided if d["decision"]]

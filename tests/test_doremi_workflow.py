@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.jobs import run_stage_job
+from pipeline.stage_job import run_stage_job
 from pipeline.train import train
 from tests.run_fixtures import make_run_dir
 

@@ -229,7 +229,7 @@ def mutated(draw, text: str) -> str:
 def _stubbed_cli(args: list[str]):
     """The CLI with the training and stage runs replaced: a config that loads stops there."""
     with mock.patch("pipeline.train.train", return_value={"steps": 0, "train_type": "static", "output_dir": "x"}), \
-            mock.patch("pipeline.jobs.run_stage_job", return_value=[]):
+            mock.patch("pipeline.stage_job.run_stage_job", return_value=[]):
         return CliRunner().invoke(main, args)
 
 

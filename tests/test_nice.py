@@ -205,7 +205,8 @@ def test_selector_picks_rows_aligned_with_the_policy_gradient_target():
 
 def test_nice_trains_end_to_end_and_logs_decisions(tiny_checkpoint, tmp_path):
     from pipeline.config import load_config
-    from pipeline.jobs import prepare, run_stage_job
+    from pipeline.prepared import prepare
+    from pipeline.stage_job import run_stage_job
     from pipeline.train import train
     from tests.run_fixtures import make_run_dir
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.jobs import prepare, run_stage_job
+from pipeline.prepared import prepare
+from pipeline.stage_job import run_stage_job
 from pipeline.train import train
 from stages.grads.stage import GradsStage
 from store.errors import FlexfeedError
@@ -74,8 +75,8 @@ def _oracle_features(model, optimizer, rows, projector):
 
 def test_live_adam_refresh_equals_the_features_at_the_live_state(run_cfg, tmp_path, monkeypatch):
     """Each refreshed shard = the live model's per-sample gradients under the live optimizer's moments."""
-    import pipeline.train as train_mod
-    from pipeline.signals import Refresher
+    import pipeline.decision_context as contexts_mod
+    from pipeline.refresh import Refresher
     from stages.grads.features import build_projector
 
     path, _ = run_cfg
@@ -83,13 +84,13 @@ def test_live_adam_refresh_equals_the_features_at_the_live_state(run_cfg, tmp_pa
                              "update_step=4", "max_steps=10", "refresh.max_staleness=0", "grads.grad_type=adam",
                              "grads.dtype=float32", f"grads.proj_dim={PROJ_DIM}", f"store={tmp_path / 'store'}"])
     seen = {}
-    make_state = train_mod._live_state
+    make_state = contexts_mod.live_state_of
 
     def capture(trainer, model):
         seen["trainer"] = trainer
         return make_state(trainer, model)
 
-    monkeypatch.setattr(train_mod, "_live_state", capture)
+    monkeypatch.setattr(contexts_mod, "live_state_of", capture)
     original = Refresher._recompute
     errors, lrs = [], []
 
@@ -249,7 +250,7 @@ def test_cluster_computes_gradients_of_its_probe_rows_only(run_cfg, tmp_path, mo
 
 def test_a_signal_mixing_model_versions_is_refused(tmp_path):
     """Offline: shards of two models; live: shards further apart than max_staleness."""
-    from pipeline.signals import SignalRoute, check_versions, version_summary
+    from pipeline.refresh import SignalRoute, check_versions, version_summary
     from store.store import Store
 
     store = Store.create(tmp_path / "s", dataset_fingerprint="f" * 20, num_rows=8, shard_rows=4)

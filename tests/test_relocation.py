@@ -240,7 +240,7 @@ def test_file_digest_is_read_once_until_the_file_changes(tmp_path, monkeypatch):
 
 def test_a_format_1_store_is_refused_through_the_cli_and_left_untouched(tiny_checkpoint, tmp_path):
     from pipeline.config import load_config
-    from pipeline.jobs import prepare
+    from pipeline.prepared import prepare
 
     cfg_path = make_run_dir(tmp_path, tiny_checkpoint)
     p = prepare(load_config(cfg_path, training=False))

@@ -366,7 +366,7 @@ def _record_in_process(monkeypatch, rows_file: Path) -> None:
 
 def test_flexfeed_train_killed_after_a_checkpoint_resumes_with_identical_batches(run_dir, tmp_path, monkeypatch):
     from pipeline.config import load_config
-    from pipeline.jobs import run_stage_job
+    from pipeline.stage_job import run_stage_job
     from pipeline.train import train
 
     cfg, _ = run_dir

@@ -9,7 +9,9 @@ import pytest
 from transformers import TrainerCallback
 
 from pipeline.config import load_config
-from pipeline.jobs import prepare, run_stage_job, stages_for
+from pipeline.prepared import prepare
+from pipeline.signal_stages import stages_for
+from pipeline.stage_job import run_stage_job
 from pipeline.train import train
 from pipeline.trainer import FlexfeedTrainer
 from tests.run_fixtures import make_run_dir
@@ -126,7 +128,7 @@ def test_resume_gives_identical_next_batches_and_state(run_cfg, tmp_path, seen_r
 
 
 def test_refresh_recomputes_exactly_the_stale_shards(run_cfg, tmp_path):
-    from pipeline.signals import Refresher, run_signal
+    from pipeline.refresh import Refresher, run_signal
 
     path, _ = run_cfg
     cfg = load_config(path, [f"store={tmp_path / 'store'}"])
@@ -235,7 +237,7 @@ def test_decisions_reach_the_trainer_log(run_cfg, tmp_path):
 
 def test_offline_versions_start_at_step_zero_in_the_run(run_cfg, tmp_path):
     """A shard stamped with a warm-up checkpoint's step (20) is fresh at this run's step 4, stale at 25."""
-    from pipeline.signals import Refresher
+    from pipeline.refresh import Refresher
     from stages.models import load_model
 
     path, _ = run_cfg

@@ -40,6 +40,7 @@ class GradsStage(Stage):
     """Signal `grads` (Adam-preconditioned, LESS) or `grads_sgd` (raw gradients): (rows, proj_dim)."""
 
     code_version = "grads-1"
+    needs_grad = True
 
     def __init__(self, model_args: ModelArgs, args: GradsArgs, checkpoint: str | None = None, *, live: bool = False):
         _check(args, checkpoint, live)

@@ -27,7 +27,8 @@ from stages.runner import INLINE, run_stage, stage_signal
 from store.errors import FlexfeedError, StoreError
 from store.faiss_index import load_index
 
-from .jobs import Prepared, live_stage_for, stages_for
+from .prepared import Prepared
+from .signal_stages import live_stage_for, stages_for
 from .strategies import SignalNeed
 
 LOSS_SIGNALS = ("loss", "ref_loss")
@@ -177,21 +178,21 @@ class Refresher:
         return {k: self.live_state(k) for k in keys}
 
     @contextlib.contextmanager
-    def _live(self, stage, state: dict, grad: bool):
+    def _live(self, stage, state: dict):
         import torch
 
         was_training = getattr(self.model, "training", False)
         self.model.eval()
         ctx = self.gather_params() if self.gather_params is not None else contextlib.nullcontext()
         try:
-            with ctx, torch.enable_grad() if grad else torch.no_grad():
+            with ctx, torch.enable_grad() if stage.needs_grad else torch.no_grad():
                 yield bind_live_model(stage, self.model, self.tokenizer, **state)
         finally:
             if was_training:
                 self.model.train()
 
     def _recompute(self, stage, data, sig, shards: list[int], step: int, state: dict) -> None:
-        with self._live(stage, state, "grads" in sig.name) as live:
+        with self._live(stage, state) as live:
             for shard in shards:
                 start, stop = sig.shard_range(shard)
                 values = live.compute(data.rows(start, stop))
@@ -201,7 +202,7 @@ class Refresher:
     def compute_rows(self, stage, rows: dict) -> np.ndarray:
         """The stage's values for the given rows at the live state (every rank computes the same rows)."""
         state = self._state_for(stage)
-        with self._live(stage, state, "grads" in stage.signal().name) as live:
+        with self._live(stage, state) as live:
             return live.compute(rows)
 
 

@@ -1,0 +1,79 @@
+"""`flexfeed stage WHICH CONFIG`: compute the signals a config's strategy reads that the store lacks."""
+
+from __future__ import annotations
+
+from stages.base import Stage
+from stages.data import TokenizedData
+from stages.runner import RunResult, run_stage
+from store.errors import FlexfeedError
+from store.store import Store
+
+from .prepared import Prepared, prepare
+from .signal_stages import stages_for
+from .strategies import SignalNeed, registry_for
+
+STAGES = ("embed", "loss", "grads", "index")
+
+
+def run_stage_job(cfg, which: str, *, progress: bool = True, prepared: Prepared | None = None) -> list[RunResult]:
+    """`flexfeed stage WHICH CONFIG`: compute what is missing, for train and (where used) target rows."""
+    if which not in (*STAGES, "all"):
+        raise FlexfeedError(f"unknown stage {which!r}", f"use one of {', '.join(STAGES)} or all")
+    p = prepared or prepare(cfg)
+    results: list[RunResult] = []
+    todo = STAGES if which == "all" else (which,)
+    for name in todo:
+        if name == "index":
+            results.extend(index_job(cfg, p))
+            continue
+        plan: list[tuple[Stage, TokenizedData, Store]] = []
+        if name == "embed":
+            plan += [(s, p.train, p.train_store) for s in stages_for(cfg, "embed", "train")]
+            if p.target is not None:
+                plan += [(s, p.target, p.target_store) for s in stages_for(cfg, "embed", "target")]
+        elif name == "loss":
+            plan += [(s, p.train, p.train_store) for s in stages_for(cfg, cfg.loss.signal, "train")]
+        elif name == "grads":
+            for signal, split in gradient_signals(cfg, everything=which == "grads"):
+                data, store = (p.train, p.train_store) if split == "train" else (p.target, p.target_store)
+                if data is not None:
+                    plan += [(s, data, store) for s in stages_for(cfg, signal, split)]
+        for stage, data, store in plan:
+            results.append(run_stage(stage, data, store, cfg.runner, progress=progress))
+    return results
+
+
+def component_needs(cfg) -> list[SignalNeed]:
+    """What the configured component declares it reads (nothing for a static run or no component)."""
+    if cfg.flex.train_type == "static" or not cfg.flex.component:
+        return []
+    strategy = registry_for(cfg.flex.train_type).build(cfg.flex.component, cfg.flex.component_args, seed=0)
+    return strategy.needs()
+
+
+def gradient_signals(cfg, *, everything: bool = False) -> list[tuple[str, str]]:
+    """(signal, split) of the gradients to compute offline: those the component reads for every row.
+
+    Without such a component, configured checkpoints (or `flexfeed stage grads`, `everything`) ask
+    for LESS's pair: train `grads` and target `grads_sgd`. Probe needs (`cluster`) are computed
+    at decisions for their rows only.
+    """
+    wanted = [(n.name, n.split) for n in component_needs(cfg) if n.name.startswith("grads") and n.rows == "all"]
+    if not any(split == "train" for _, split in wanted) and (everything or cfg.grads.checkpoints):
+        wanted = [("grads", "train"), ("grads_sgd", "target"), *wanted]
+    return list(dict.fromkeys(wanted))
+
+
+def index_job(cfg, p: Prepared) -> list[RunResult]:
+    from store.faiss_index import build_index, index_status
+
+    out = []
+    for store in [s for s in (p.train_store, p.target_store) if s is not None]:
+        for sig in store.find(cfg.index.signal):
+            fresh = index_status(sig) == "fresh"
+            if not fresh and sig.is_complete():
+                build_index(sig, flat_max_rows=cfg.index.flat_max_rows)
+            out.append(RunResult(signal=f"index:{sig.name}", key=sig.key, computed=[] if fresh else [0],
+                                 skipped=1 if fresh else 0))
+    return out
+
