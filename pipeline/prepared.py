@@ -9,6 +9,8 @@ from stages.data import TokenizedData, load_data
 from stages.models import load_tokenizer
 from store.store import Store
 
+from .config import RunConfig
+
 
 @dataclass
 class Prepared:
@@ -21,14 +23,14 @@ class Prepared:
     target_store: Store | None
 
 
-def store_for(cfg, data: TokenizedData) -> Store:
+def store_for(cfg: RunConfig, data: TokenizedData) -> Store:
     """The store of a dataset lives at `<store>/<dataset fingerprint>`."""
     root = Path(cfg.store.store) / data.fingerprint
     return Store.open_or_create(root, dataset_fingerprint=data.fingerprint, num_rows=len(data),
                                 shard_rows=cfg.store.shard_rows, dataset_info={"datasets": data.domain_names})
 
 
-def prepare(cfg, *, need_target: bool = True) -> Prepared:
+def prepare(cfg: RunConfig, *, need_target: bool = True) -> Prepared:
     """Tokenize the train (and target) datasets and open (or create) their stores."""
     tok = load_tokenizer(cfg.model)
     train = load_data(cfg.data, tok)

@@ -27,6 +27,7 @@ from stages.runner import INLINE, run_stage, stage_signal
 from store.errors import FlexfeedError, StoreError
 from store.faiss_index import load_index
 
+from .config import RunConfig
 from .prepared import Prepared
 from .signal_stages import live_stage_for, stages_for
 from .strategies import SignalNeed
@@ -52,13 +53,13 @@ class SignalRoute:
         return f"{self.name}/{self.split}"
 
 
-def _refreshable(cfg, need: SignalNeed) -> bool:
+def _refreshable(cfg: RunConfig, need: SignalNeed) -> bool:
     if not need.refresh or not cfg.refresh.enabled or need.name == "ref_loss":
         return False
     return cfg.refresh.signals is None or need.name in cfg.refresh.signals
 
 
-def plan_routes(cfg, needs: list[SignalNeed], component: str = "") -> dict[tuple[str, str], SignalRoute]:
+def plan_routes(cfg: RunConfig, needs: list[SignalNeed], component: str = "") -> dict[tuple[str, str], SignalRoute]:
     """One route per needed signal, with every error the config implies raised now, before training."""
     routes: dict[tuple[str, str], SignalRoute] = {}
     who = f"component {component!r}" if component else "the component"
@@ -254,7 +255,7 @@ def check_versions(route: SignalRoute, summary: dict) -> None:
 class StoreSignals:
     """Signals of the train/target stores for one decision (made fresh before it, then read-only)."""
 
-    def __init__(self, cfg, prepared: Prepared, step: int, routes: dict, refresher: Refresher | None = None,
+    def __init__(self, cfg: RunConfig, prepared: Prepared, step: int, routes: dict, refresher: Refresher | None = None,
                  cache: ValueCache | None = None, *, rank: int = 0, world_size: int = 1, barrier=None,
                  live_lr: Callable[[], float] | None = None):
         self.cfg = cfg

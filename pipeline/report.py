@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import numpy as np
 from store.errors import FlexfeedError
 from store.maintenance import human_bytes
 
-from .run_files import DECISIONS_FILE, MIX_FILE, RUN_FILE, WEIGHTS_FILE
+from .run_files import RunData, load_run, read_json_object
 
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
@@ -28,71 +27,9 @@ FIG_DPI = 100
 
 
 @dataclass
-class RunData:
-    """What one run directory holds; optional files become empty lists."""
-
-    path: Path
-    run: dict
-    decisions: list[dict] = field(default_factory=list)
-    weights: list[dict] = field(default_factory=list)
-    mix: list[dict] = field(default_factory=list)
-
-    @property
-    def kind(self) -> str:
-        return str(self.run.get("train_type", "static"))
-
-    @property
-    def label(self) -> str:
-        comp = self.run.get("component")
-        return f"{self.kind}/{comp} ({self.path.name})" if comp else f"{self.kind} ({self.path.name})"
-
-    @property
-    def domains(self) -> list[str]:
-        return [str(d) for d in self.run.get("domains") or []]
-
-
-@dataclass
 class Section:
     title: str
     body: str
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise FlexfeedError(f"{path}, line {n}: invalid JSON ({exc.msg})",
-                                "the run may have been interrupted while writing: rerun it or delete the line") from None
-    return out
-
-
-def _read_json_object(path: Path, bad_json_hint: str, not_object: str, not_object_hint: str) -> dict:
-    """A JSON file that must hold one object; a clear error naming the file otherwise."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FlexfeedError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}", bad_json_hint) from None
-    if not isinstance(data, dict):
-        raise FlexfeedError(f"{path}: {not_object}", not_object_hint)
-    return data
-
-
-def load_run(run_dir: str | Path) -> RunData:
-    """Read a run directory written by `flexfeed train`."""
-    path = Path(run_dir)
-    run_file = path / RUN_FILE
-    if not run_file.is_file():
-        raise FlexfeedError(f"no {RUN_FILE} in {path}", "pass a run directory written by `flexfeed train`")
-    run = _read_json_object(run_file, "the run did not finish writing it: rerun training",
-                            "expected a JSON object", "pass a run directory written by `flexfeed train`")
-    return RunData(path=path, run=run, decisions=_read_jsonl(path / DECISIONS_FILE),
-                   weights=_read_jsonl(path / WEIGHTS_FILE), mix=_read_jsonl(path / MIX_FILE))
 
 
 # --------------------------------------------------------------------------- figures
@@ -388,7 +325,7 @@ def _summary_section(out_dir: Path) -> Section | None:
     path = out_dir / SUMMARY_FILE
     if not path.is_file():
         return None
-    data = _read_json_object(path, "fix or remove summary.json", "expected a JSON object of facts",
+    data = read_json_object(path, "fix or remove summary.json", "expected a JSON object of facts",
                              'write {"target_share": 0.4, ...}')
     # "findings" (a list of sentences) are shown as text above the table of facts
     findings = data.get("findings") if isinstance(data.get("findings"), list) else []

@@ -11,18 +11,20 @@ from stages.grads.stage import GradsStage
 from stages.loss import LossStage
 from store.errors import FlexfeedError
 
+from .config import RunConfig
 
-def checkpoints_of(cfg) -> list[str | None]:
+
+def checkpoints_of(cfg: RunConfig) -> list[str | None]:
     """The configured gradient checkpoints, or [None] for the model as loaded."""
     return list(cfg.grads.checkpoints) or [None]
 
 
-def grads_stage(cfg, grad_type: str, checkpoint: str | None) -> Stage:
+def grads_stage(cfg: RunConfig, grad_type: str, checkpoint: str | None) -> Stage:
     """The gradient stage of one checkpoint (None: the model as loaded)."""
     return GradsStage(cfg.model, replace(cfg.grads, grad_type=grad_type), checkpoint)
 
 
-def stages_for(cfg, name: str, split: str) -> list[Stage]:
+def stages_for(cfg: RunConfig, name: str, split: str) -> list[Stage]:
     """The stage objects that produce signal `name` for a split (several for per-checkpoint grads)."""
     cutoff = cfg.data.cutoff_len
     if name == "embed":
@@ -42,7 +44,7 @@ def stages_for(cfg, name: str, split: str) -> list[Stage]:
                         "signals are embed, loss, ref_loss, grads, grads_sgd, grads_nice")
 
 
-def live_stage_for(cfg, name: str, split: str) -> Stage:
+def live_stage_for(cfg: RunConfig, name: str, split: str) -> Stage:
     """The one stage that computes signal `name` at the live training state (what a refresh writes).
 
     Gradients are the training model's own (no checkpoint); `grads` with grad_type adam is

@@ -8,6 +8,7 @@ from stages.runner import RunResult, run_stage
 from store.errors import FlexfeedError
 from store.store import Store
 
+from .config import RunConfig
 from .prepared import Prepared, prepare
 from .signal_stages import stages_for
 from .strategies import SignalNeed, registry_for
@@ -15,7 +16,7 @@ from .strategies import SignalNeed, registry_for
 STAGES = ("embed", "loss", "grads", "index")
 
 
-def run_stage_job(cfg, which: str, *, progress: bool = True, prepared: Prepared | None = None) -> list[RunResult]:
+def run_stage_job(cfg: RunConfig, which: str, *, progress: bool = True, prepared: Prepared | None = None) -> list[RunResult]:
     """`flexfeed stage WHICH CONFIG`: compute what is missing, for train and (where used) target rows."""
     if which not in (*STAGES, "all"):
         raise FlexfeedError(f"unknown stage {which!r}", f"use one of {', '.join(STAGES)} or all")
@@ -43,7 +44,7 @@ def run_stage_job(cfg, which: str, *, progress: bool = True, prepared: Prepared 
     return results
 
 
-def component_needs(cfg) -> list[SignalNeed]:
+def component_needs(cfg: RunConfig) -> list[SignalNeed]:
     """What the configured component declares it reads (nothing for a static run or no component)."""
     if cfg.flex.train_type == "static" or not cfg.flex.component:
         return []
@@ -51,7 +52,7 @@ def component_needs(cfg) -> list[SignalNeed]:
     return strategy.needs()
 
 
-def gradient_signals(cfg, *, everything: bool = False) -> list[tuple[str, str]]:
+def gradient_signals(cfg: RunConfig, *, everything: bool = False) -> list[tuple[str, str]]:
     """(signal, split) of the gradients to compute offline: those the component reads for every row.
 
     Without such a component, configured checkpoints (or `flexfeed stage grads`, `everything`) ask
@@ -64,7 +65,7 @@ def gradient_signals(cfg, *, everything: bool = False) -> list[tuple[str, str]]:
     return list(dict.fromkeys(wanted))
 
 
-def index_job(cfg, p: Prepared) -> list[RunResult]:
+def index_job(cfg: RunConfig, p: Prepared) -> list[RunResult]:
     from store.faiss_index import build_index, index_status
 
     out = []

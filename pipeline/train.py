@@ -21,11 +21,19 @@ from .plan import Windows
 from .prepared import Prepared, prepare
 from .refresh import plan_routes
 from .rows import RowCollator, RowsDataset
-from .run_files import DECISIONS_FILE, MIX_FILE, RUN_FILE, WEIGHTS_FILE
+from .run_files import (
+    DECISIONS_FILE,
+    DOMAIN_WEIGHTS_FILE,
+    MIX_FILE,
+    RUN_FILE,
+    WEIGHTS_FILE,
+    rank_file,
+    write_jsonl,
+)
 from .scheduler import Scheduler
 from .state_io import load_state, save_state
 from .strategies import Strategy, registry_for
-from .trainer import FlexfeedCallback, FlexfeedTrainer, FlexRun, write_jsonl
+from .trainer import FlexfeedCallback, FlexfeedTrainer, FlexRun
 
 
 def _free_port() -> int:
@@ -167,7 +175,7 @@ def train(cfg: RunConfig, *, extra_callbacks=(), prepared: Prepared | None = Non
     if args.world_size > 1 and flex.scheduler is not None:
         # each rank's own account of its decisions: identical files prove the ranks agreed
         rank = trainer.accelerator.process_index
-        (out_dir / f"flexfeed_rank{rank}.json").write_text(json.dumps(_rank_digest(flex), sort_keys=True))
+        (out_dir / rank_file(rank)).write_text(json.dumps(_rank_digest(flex), sort_keys=True))
     return summary
 
 
@@ -203,7 +211,7 @@ def _write_outputs(trainer, flex: FlexRun, p: Prepared, cfg: RunConfig, out_dir:
         write_jsonl(out_dir / MIX_FILE, flex.mix_log)
     if flex.mixer is not None and hasattr(flex.mixer, "final_weights"):
         weights = flex.mixer.final_weights(p.train.domain_names)
-        flex.mixer.write_final_weights(out_dir / "domain_weights.json", p.train.domain_names)
+        flex.mixer.write_final_weights(out_dir / DOMAIN_WEIGHTS_FILE, p.train.domain_names)
         summary["final_weights"] = weights
     elif flex.mixer is not None:
         summary["final_weights"] = dict(zip(p.train.domain_names, map(float, flex.scheduler.last_proportions),

@@ -6,7 +6,6 @@ are the only hooks used, so DeepSpeed, gradient accumulation, logging and checkp
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,9 +136,3 @@ def decision_logs(records: list[dict]) -> dict:
             logs[f"flexfeed/refresh_{signal.replace('/', '_')}_seconds"] = r.get("seconds", 0.0)
         logs["flexfeed/decision_seconds"] = record.get("seconds", 0.0)
     return logs
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w") as fh:
-        for r in records:
-            fh.write(json.dumps(r, sort_keys=True) + "\n")

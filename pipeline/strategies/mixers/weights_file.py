@@ -10,8 +10,10 @@ import numpy as np
 from store.atomic import atomic_write_json
 from store.errors import FlexfeedError
 
-WEIGHTS_FILE = "domain_weights.json"
-"""File name a doremi run writes into its output_dir."""
+from ...run_files import DOMAIN_WEIGHTS_FILE
+
+WEIGHTS_FILE = DOMAIN_WEIGHTS_FILE
+"""File name a doremi run writes into its output_dir (one name for the writer and the readers)."""
 
 
 def write_domain_weights(path, names: list[str], weights: np.ndarray, **extra) -> Path:
