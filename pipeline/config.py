@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages.args import DataArgs, ModelArgs
+from stages.values import FieldError
 from store.errors import FlexfeedError
 
 from . import dataflex
 from .config_compat import LLAMAFACTORY_KEYS
 from .config_groups import (
     FLAT_GROUPS,
-    LIMITS,
     MAX_STEPS,
     SECTION_GROUPS,
     SPECIAL_KEYS,
@@ -29,6 +29,7 @@ from .config_groups import (
     RefreshArgs,
     RunConfig,
     accepted_keys,
+    check_training,
     flat_keys,
     training_fields,
 )
@@ -106,7 +107,6 @@ class _Builder:
         self._train_step()
         groups = {name: self._make(name, cls) for name, cls in {**FLAT_GROUPS, **SECTION_GROUPS}.items()}
         training = self._training()
-        self._limits(groups, training)
         self._required(groups["model"], groups["data"], training)
         if self.validate_component and groups["flex"].train_type != "static":
             groups["flex"].component_args = self._component_params(groups["flex"])
@@ -248,11 +248,13 @@ class _Builder:
         kwargs = {}
         for key, value in self.values[group].items():
             label = key if group in FLAT_GROUPS else f"{group}.{key}"
+            if group == "flex" and key == "train_type":  # DataFlex's spellings first, then the Literal's check
+                value = dataflex.normalise_train_type(value, self.where(label))
             kwargs[key] = coerce(value, hints[key], self.where(label))
-        if group == "flex" and "train_type" in kwargs:
-            kwargs["train_type"] = dataflex.normalise_train_type(kwargs["train_type"], self.where("train_type"))
         try:
             return cls(**kwargs)
+        except FieldError as exc:  # the group refused one of its fields: name the file (or override) and key
+            raise exc.at(self.where(exc.field if group in FLAT_GROUPS else f"{group}.{exc.field}")) from None
         except FlexfeedError as exc:
             raise FlexfeedError(f"{self.path}: {exc.message}", exc.hint) from None
         except (TypeError, ValueError) as exc:
@@ -264,6 +266,10 @@ class _Builder:
         out = {}
         for key, value in self.values["training"].items():
             out[key] = coerce(value, hints.get(key, fields[key].type), self.where(key))
+        try:
+            check_training(out)
+        except FieldError as exc:
+            raise exc.at(self.where(exc.field)) from None
         ds = out.get("deepspeed")
         if isinstance(ds, str):
             file = dataflex.find_file(ds, self.path, self.where("deepspeed"))
@@ -273,17 +279,6 @@ class _Builder:
                 self.fail(f"deepspeed config {str(file)!r} is not valid JSON: {exc}", "fix the JSON file")
             out["deepspeed"] = str(file)
         return out
-
-    def _limits(self, groups: dict, training: dict) -> None:
-        values = {f"{g}.{k}": v for g, obj in groups.items() for k, v in dataclasses.asdict(obj).items()}
-        values.update({f"training.{k}": v for k, v in training.items()})
-        for dotted, value in values.items():
-            group, _, key = dotted.partition(".")
-            limits = LIMITS.get(dotted)
-            if limits is None and group == "training" and key.endswith("_steps"):
-                limits = dict(low=0, high=MAX_STEPS)
-            if limits is not None:
-                check_range(value, self.where(key if group in ("training", *FLAT_GROUPS) else dotted), **limits)
 
     def _required(self, model: ModelArgs, data: DataArgs, training: dict) -> None:
         missing = [k for k, ok in (("model_name_or_path", model.model_name_or_path), ("dataset", data.dataset)) if not ok]

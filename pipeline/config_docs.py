@@ -11,6 +11,8 @@ import inspect
 import textwrap
 import typing
 
+from stages.values import literal_choices
+
 from . import dataflex
 from .config import FLAT_GROUPS, SECTION_GROUPS, SPECIAL_KEYS, training_fields
 from .config_compat import LLAMAFACTORY_KEYS
@@ -29,6 +31,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _type(annotation) -> str:
+    choices = literal_choices(annotation)
+    if choices is not None:
+        return " | ".join("None" if c is None else str(c) for c in choices)
     if isinstance(annotation, type) and typing.get_origin(annotation) is None:
         return annotation.__name__
     return str(annotation).replace("typing.", "").replace("NoneType", "None")

@@ -9,22 +9,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from stages.args import DataArgs, EmbedArgs, GradsArgs, IndexArgs, LossArgs, ModelArgs, RunnerArgs, StoreArgs
+from stages.values import Range, bounded, check_fields
 from store.errors import FlexfeedError
 
 from . import dataflex
 from .config_compat import LLAMAFACTORY_KEYS
-from .config_values import check_range, did_you_mean
 
-SAMPLE_RULES = ("mixture", "stratified", "uniform")
 MAX_STEPS = 10**9
 """Largest step count accepted anywhere (a bigger one is a typo, not a plan)."""
 
 
 @dataclass(kw_only=True)
 class FlexArgs:
-    train_type: str = "static"
+    train_type: Literal["static", "select", "mix", "weight"] = "static"
     """`static` (plain training), `select`, `mix` or `weight`; DataFlex's `dynamic_*` spellings are accepted."""
     component: str | None = None
     """Registered component name (e.g. `less`, `doremi`, `loss`) or `package.module:Class`; needed unless static."""
@@ -32,15 +32,15 @@ class FlexArgs:
     """The component's parameters, checked against its Params at load (unknown ones are errors)."""
     component_seed: int | None = None
     """Seed of the component's decisions; default the training `seed`."""
-    warmup_step: int = 0
+    warmup_step: int = bounded(0, low=0, high=MAX_STEPS)
     """Steps trained before the first decision (on uniformly drawn rows / the initial mixture)."""
-    update_step: int = 100
+    update_step: int = bounded(100, low=1, high=MAX_STEPS)
     """Steps between two decisions."""
-    update_times: int | None = None
+    update_times: int | None = bounded(None, low=1, high=MAX_STEPS)
     """Number of decisions; None (or DataFlex's -1) decides until the end of training."""
     static_mix: bool = False
     """`mix` only: keep the initial proportions fixed (DataFlex's static mixing; implies component `static`)."""
-    mixture_sample_rule: str = "mixture"
+    mixture_sample_rule: Literal["mixture", "stratified", "uniform"] = "mixture"
     """Initial mixture: `mixture` (init_mixture_proportions), `stratified` (by dataset size) or `uniform`."""
     init_mixture_proportions: list[float] | None = None
     """One weight per dataset, in `dataset` order, for the mixture rule; normalised to sum to 1."""
@@ -54,12 +54,7 @@ class FlexArgs:
                                 f"set component (or DataFlex's component_name), e.g. {_EXAMPLES[self.train_type]}")
         if self.update_times == -1:
             self.update_times = None
-        check_range(self.warmup_step, "warmup_step", low=0, high=MAX_STEPS)
-        check_range(self.update_step, "update_step", low=1, high=MAX_STEPS)
-        check_range(self.update_times, "update_times", low=1, high=MAX_STEPS)
-        if self.mixture_sample_rule not in SAMPLE_RULES:
-            raise FlexfeedError(f"unknown mixture_sample_rule {self.mixture_sample_rule!r}",
-                                did_you_mean(self.mixture_sample_rule, SAMPLE_RULES))
+        check_fields(self)
         props = self.init_mixture_proportions
         if props is not None and (not props or any(p < 0 for p in props) or sum(props) <= 0):
             raise FlexfeedError(f"init_mixture_proportions must be non-negative with a positive sum, got {props}",
@@ -75,13 +70,13 @@ _EXAMPLES = {"select": "component: less", "mix": "component: doremi", "weight": 
 class RefreshArgs:
     enabled: bool = True
     """Recompute stale shards of the signals the component reads before each decision."""
-    max_staleness: int | None = None
+    max_staleness: int | None = bounded(None, low=0, high=MAX_STEPS)
     """A shard computed more than this many steps ago is stale; None never refreshes."""
     signals: list[str] | None = None
     """Signal names to refresh; None means those the component declares as refreshable."""
 
     def __post_init__(self):
-        check_range(self.max_staleness, "refresh.max_staleness", low=0, high=MAX_STEPS)
+        check_fields(self)
 
 
 FLAT_GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "store": StoreArgs, "flex": FlexArgs}
@@ -92,33 +87,27 @@ SECTION_GROUPS: dict[str, type] = {"embed": EmbedArgs, "loss": LossArgs, "grads"
 SPECIAL_KEYS = ("components_cfg_file", "train_step")
 """DataFlex keys handled by the loader itself rather than stored in a group."""
 
-LIMITS: dict[str, dict] = {
-    "training.learning_rate": dict(low=0, low_open=True, high=10),
-    "training.per_device_train_batch_size": dict(low=1, high=10**6),
-    "training.per_device_eval_batch_size": dict(low=1, high=10**6),
-    "training.gradient_accumulation_steps": dict(low=1, high=10**6),
-    "training.num_train_epochs": dict(low=0, high=10**6),
-    "training.max_steps": dict(low=1, high=MAX_STEPS, allow=(-1,)),
-    "training.seed": dict(low=0, high=2**32 - 1),
-    "training.weight_decay": dict(low=0, high=10),
-    "training.max_grad_norm": dict(low=0),
-    "model.lora_rank": dict(low=1, high=65536),
-    "model.lora_alpha": dict(low=1, high=10**6),
-    "model.lora_dropout": dict(low=0, high=0.999),
-    "data.cutoff_len": dict(low=1, high=10**7),
-    "data.max_samples": dict(low=1, high=10**12),
-    "store.shard_rows": dict(low=1, high=10**8),
-    "grads.proj_dim": dict(low=1, high=2**20),
-    "grads.batch_size": dict(low=1, high=10**5),
-    "embed.batch_size": dict(low=1, high=10**5),
-    "loss.batch_size": dict(low=1, high=10**5),
-    "runner.n_workers": dict(low=1, high=4096),
-    "runner.threads_per_worker": dict(low=1, high=1024),
-    "runner.retries": dict(low=0, high=100),
-    "runner.max_in_flight": dict(low=1, high=10**6),
-    "index.flat_max_rows": dict(low=1, high=10**12),
+TRAINING_RANGES: dict[str, Range] = {
+    "learning_rate": Range(low=0, low_open=True, high=10),
+    "per_device_train_batch_size": Range(low=1, high=10**6),
+    "per_device_eval_batch_size": Range(low=1, high=10**6),
+    "gradient_accumulation_steps": Range(low=1, high=10**6),
+    "num_train_epochs": Range(low=0, high=10**6),
+    "max_steps": Range(low=1, high=MAX_STEPS, allow=(-1,)),
+    "seed": Range(low=0, high=2**32 - 1),
+    "weight_decay": Range(low=0, high=10),
+    "max_grad_norm": Range(low=0),
 }
-"""Sane ranges; any other TrainingArguments `*_steps` value must be >= 0 and <= MAX_STEPS."""
+"""Sane ranges of transformers.TrainingArguments fields (flexfeed does not own that class, so they are
+listed here by field name); any other `*_steps` field must be >= 0 and <= MAX_STEPS."""
+
+
+def check_training(training: dict) -> None:
+    """Refuse a TrainingArguments value outside its sane range (a FieldError naming the key)."""
+    for key, value in training.items():
+        limits = TRAINING_RANGES.get(key) or (Range(low=0, high=MAX_STEPS) if key.endswith("_steps") else None)
+        if limits is not None:
+            limits.check(value, key)
 
 
 @dataclass(kw_only=True)

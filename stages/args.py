@@ -1,12 +1,17 @@
 """Argument groups of the offline stages (LLaMA-Factory style: one concern per dataclass).
 
 The online config (pipeline.config) composes these with the training groups; stages never parse
-YAML themselves. Each field's meaning is in the docstring under it.
+YAML themselves. Each field's meaning is in the docstring under it; each group refuses, when built,
+a value outside its field's range (`bounded`) or `Literal` choices. They live here, not in
+pipeline.config, because stages take them and stages may not import pipeline.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from stages.values import bounded, check_fields
 
 
 @dataclass(kw_only=True)
@@ -15,13 +20,13 @@ class ModelArgs:
     """Local directory of a causal LM (config, weights, tokenizer)."""
     adapter_name_or_path: str | None = None
     """A saved peft adapter or Trainer checkpoint directory to load on top of the model."""
-    finetuning_type: str = "lora"
+    finetuning_type: Literal["lora", "full"] = "lora"
     """`lora` (train LoRA adapters) or `full` (train every weight)."""
-    lora_rank: int = 8
+    lora_rank: int = bounded(8, low=1, high=65536)
     """LoRA rank r."""
-    lora_alpha: int | None = None
+    lora_alpha: int | None = bounded(None, low=1, high=10**6)
     """LoRA scaling alpha; default 2 * lora_rank."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = bounded(0.0, low=0, high=0.999)
     """Dropout on the LoRA branch."""
     lora_target: str | list[str] = "all"
     """Module names to adapt, comma-separated; `all` means every linear layer but the LM head."""
@@ -29,8 +34,11 @@ class ModelArgs:
     """Run model code shipped with the checkpoint; off unless set."""
     attn_implementation: str | None = None
     """`eager`, `sdpa`, ...; None lets transformers choose."""
-    torch_dtype: str = "float32"
-    """float32, bfloat16 or float16 for loading weights."""
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """float32, bfloat16 or float16 for loading weights; `auto` keeps the checkpoint's dtype."""
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(kw_only=True)
@@ -39,48 +47,57 @@ class DataArgs:
     """Dataset names from dataset_info.json (comma-separated string accepted); each is a domain."""
     dataset_dir: str = "data"
     """Folder holding dataset_info.json and the data files."""
-    stage: str = "sft"
+    stage: Literal["pt", "sft"] = "sft"
     """`pt` (plain text, every token trained) or `sft` (prompt masked from labels)."""
-    template: str | None = None
+    template: Literal["default", "chat"] | None = None
     """`default` (plain documented template) or `chat` (the tokenizer's chat template); None picks chat when the tokenizer has one."""
-    cutoff_len: int = 1024
+    cutoff_len: int = bounded(1024, low=1, high=10**7)
     """Truncate tokenized samples to this many tokens."""
-    max_samples: int | None = None
+    max_samples: int | None = bounded(None, low=1, high=10**12)
     """Keep at most this many rows per dataset."""
     eval_dataset: list[str] = field(default_factory=list)
     """Target dataset names (their own store, gradients and embeddings): what selectors aim at."""
     val_dataset: list[str] = field(default_factory=list)
     """Validation dataset names, one per domain you want measured: per-domain loss at the end of training (default eval_dataset)."""
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass(kw_only=True)
 class RunnerArgs:
     scheduler: str | None = None
     """Address of an existing Dask scheduler; None starts a LocalCluster on this machine."""
-    n_workers: int | None = None
+    n_workers: int | None = bounded(None, low=1, high=4096)
     """LocalCluster worker processes; default: cores // threads_per_worker (at least 1)."""
-    threads_per_worker: int = 1
+    threads_per_worker: int = bounded(1, low=1, high=1024)
     """Torch threads per worker process."""
-    retries: int = 2
+    retries: int = bounded(2, low=0, high=100)
     """Dask retries per shard task."""
-    max_in_flight: int | None = None
+    max_in_flight: int | None = bounded(None, low=1, high=10**6)
     """Shard tasks submitted at once (bounds driver memory); default 2 * workers."""
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(kw_only=True)
 class EmbedArgs:
-    backend: str = "auto"
+    backend: Literal["auto", "hf", "vllm", "sentence-transformers"] = "auto"
     """`auto`, `hf`, `vllm` or `sentence-transformers`."""
     model_name_or_path: str | None = None
     """Embedding model; default the training model."""
-    pooling: str = "last"
+    pooling: Literal["last", "mean"] = "last"
     """`last` (last real token) or `mean` (over real tokens)."""
     layer: int = -1
     """Hidden-state layer to pool (hf backend); -1 is the last."""
-    batch_size: int = 16
+    batch_size: int = bounded(16, low=1, high=10**5)
     """Rows per forward pass."""
     max_length: int | None = None
     """Truncate inputs for embedding; default cutoff_len."""
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(kw_only=True)
@@ -89,31 +106,34 @@ class LossArgs:
     """Model to score with (e.g. a DoReMi reference model); default the training model."""
     adapter_name_or_path: str | None = None
     """Adapter/checkpoint to score with; default the model's adapter, if any."""
-    batch_size: int = 16
+    batch_size: int = bounded(16, low=1, high=10**5)
     """Rows per forward pass."""
     signal: str = "loss"
     """Signal name to store under (`loss` for the training model, `ref_loss` for a reference)."""
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass(kw_only=True)
 class GradsArgs:
-    proj_dim: int = 8192
+    proj_dim: int = bounded(8192, low=1, high=2**20)
     """Dimension of the projected gradient features."""
-    proj_type: str = "rademacher"
+    proj_type: Literal["rademacher", "gaussian"] = "rademacher"
     """`rademacher` or `gaussian`."""
-    proj_structure: str = "kronecker"
+    proj_structure: Literal["kronecker", "sparse"] = "kronecker"
     """`kronecker` (per-weight P_a^T G P_c, LoGra-style, smallest memory) or `sparse` (count sketch, dense-projection accuracy, memory O(LoRA params))."""
     seed: int = 0
     """Projection seed: same seed, same features on any machine."""
-    grad_type: str = "adam"
+    grad_type: Literal["adam", "sgd"] = "adam"
     """`adam` (LESS's preconditioned update, needs checkpoints with optimizer state) or `sgd`."""
     checkpoints: list[str] = field(default_factory=list)
     """Checkpoint directories (one signal each); empty means the model as loaded."""
     normalize: bool = True
     """L2-normalise features (LESS scores by cosine)."""
-    batch_size: int = 16
+    batch_size: int = bounded(16, low=1, high=10**5)
     """Rows per batched backward."""
-    dtype: str = "float16"
+    dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the features."""
     nice_num_samples: int = 4
     """NICE: completions sampled per target prompt for its policy-gradient feature (at least 2)."""
@@ -124,18 +144,27 @@ class GradsArgs:
     nice_reward: str = "stages.grads.rewards:token_f1"
     """NICE: reward function `package.module:function`, reward(prompt_ids, completion_ids, reference_ids) -> float."""
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass(kw_only=True)
 class IndexArgs:
     signal: str = "embed"
     """Name of the signal to index."""
-    flat_max_rows: int = 100_000
+    flat_max_rows: int = bounded(100_000, low=1, high=10**12)
     """Exact IndexFlatIP up to this many rows, IVF above."""
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(kw_only=True)
 class StoreArgs:
     store: str = "store"
     """Store directory (one per dataset fingerprint)."""
-    shard_rows: int = 4096
+    shard_rows: int = bounded(4096, low=1, high=10**8)
     """Rows per shard: the unit of work, writing, staleness and verification."""
+
+    def __post_init__(self):
+        check_fields(self)

@@ -73,11 +73,10 @@ class RunResult:
 
 
 def default_workers(args: RunnerArgs) -> int:
+    """runner.n_workers (RunnerArgs checks its range), else cores // threads_per_worker, at least 1."""
     if args.n_workers is not None:
-        if args.n_workers < 1:
-            raise FlexfeedError(f"runner.n_workers must be >= 1, got {args.n_workers}", "e.g. runner: {n_workers: 2}")
         return args.n_workers
-    return max(1, (os.cpu_count() or 1) // max(1, args.threads_per_worker))
+    return max(1, (os.cpu_count() or 1) // args.threads_per_worker)
 
 
 def stage_signal(stage: Stage, store: Store):

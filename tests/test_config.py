@@ -169,7 +169,7 @@ def test_overrides_apply_and_are_validated(tmp_path):
     assert cfg.flex.component_args == {"task_reduce": "mean"} and cfg.refresh.max_staleness == 5
     assert cfg.data.dataset == ["a", "b", "c"] and cfg.flex.update_times is None
     err = error_of(path, ["update_step=0"])
-    assert "update_step must be >= 1" in err.message
+    assert "command-line override, key 'update_step' must be >= 1" in err.message
     err = error_of(path, ["learnig_rate=1.0"])
     assert "command-line override, key 'learnig_rate'" in err.message and "learning_rate" in err.hint
     err = error_of(path, ["component_args.task_reduce=median"])

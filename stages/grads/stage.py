@@ -13,27 +13,8 @@ from stages.batching import length_sorted_batches, pad_batch
 from stages.grads.checkpoint import checkpoint_identity, checkpoint_lr, checkpoint_step
 from stages.grads.features import build_projector, compute_features
 from stages.grads.precondition import AdamPreconditioner, load_adam_state
-from stages.grads.projection import PROJ_STRUCTURES, PROJ_TYPES
 from stages.models import load_model, load_tokenizer, model_identity, model_sources, source_path
 from store.errors import FlexfeedError
-
-GRAD_TYPES = ("adam", "sgd")
-
-
-def _check(args: GradsArgs, checkpoint: str | None, live: bool = False) -> None:
-    if args.grad_type not in GRAD_TYPES:
-        raise FlexfeedError(f"grads.grad_type {args.grad_type!r} is unknown", hint="use 'adam' or 'sgd'")
-    if args.proj_type not in PROJ_TYPES:
-        raise FlexfeedError(f"grads.proj_type {args.proj_type!r} is unknown", hint=f"use one of {PROJ_TYPES}")
-    if args.proj_structure not in PROJ_STRUCTURES:
-        raise FlexfeedError(f"grads.proj_structure {args.proj_structure!r} is unknown",
-                            hint=f"use one of {PROJ_STRUCTURES}")
-    if args.proj_dim < 1 or args.batch_size < 1:
-        raise FlexfeedError(f"grads.proj_dim ({args.proj_dim}) and grads.batch_size ({args.batch_size}) must be >= 1",
-                            hint="e.g. proj_dim: 8192, batch_size: 16")
-    if args.grad_type == "adam" and checkpoint is None and not live:
-        raise FlexfeedError("grads.grad_type adam needs a checkpoint with optimizer state, none given",
-                            hint="list Trainer checkpoint directories under grads.checkpoints, or use grad_type: sgd")
 
 
 class GradsStage(Stage):
@@ -43,7 +24,10 @@ class GradsStage(Stage):
     needs_grad = True
 
     def __init__(self, model_args: ModelArgs, args: GradsArgs, checkpoint: str | None = None, *, live: bool = False):
-        _check(args, checkpoint, live)
+        # GradsArgs checks its own ranges and choices; what needs the checkpoint is checked here
+        if args.grad_type == "adam" and checkpoint is None and not live:
+            raise FlexfeedError("grads.grad_type adam needs a checkpoint with optimizer state, none given",
+                                hint="list Trainer checkpoint directories under grads.checkpoints, or use grad_type: sgd")
         if live and checkpoint is not None:
             raise FlexfeedError("a live gradient stage computes with the training model, not a checkpoint",
                                 hint="build it with checkpoint=None")
