@@ -12,7 +12,7 @@ import yaml
 
 from pipeline import config as config_mod
 from pipeline.config import FlexArgs, RunConfig, accepted_keys, load_config, to_training_arguments
-from pipeline.dataflex import read_components_file
+from pipeline.config.compat import read_components_file
 from pipeline.strategies.registry import registry_for
 from store.errors import FlexfeedError
 

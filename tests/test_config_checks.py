@@ -8,8 +8,7 @@ import typing
 import pytest
 import yaml
 
-from pipeline.config import FLAT_GROUPS, SECTION_GROUPS, load_config, training_fields
-from pipeline.config_groups import TRAINING_RANGES
+from pipeline.config import FLAT_GROUPS, SECTION_GROUPS, TRAINING_RANGES, load_config, training_fields
 from stages.values import FieldError, literal_choices
 from store.errors import FlexfeedError
 

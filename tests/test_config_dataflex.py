@@ -11,7 +11,7 @@ import yaml
 
 from pipeline import config as config_mod
 from pipeline.config import load_config
-from pipeline.dataflex import (
+from pipeline.config.compat import (
     DATAFLEX_PARAMS,
     SECTIONS,
     component_entry,

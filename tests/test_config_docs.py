@@ -6,14 +6,14 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.config import FLAT_GROUPS, SECTION_GROUPS, FlexArgs, accepted_keys
-from pipeline.config_docs import field_docs, reference_markdown
+from pipeline.config.reference import field_docs, reference_markdown
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 
 def test_docs_config_md_is_up_to_date():
     assert DOC.read_text() == reference_markdown(), (
-        "docs/config.md is stale: run `python -m pipeline.config_docs > docs/config.md`")
+        "docs/config.md is stale: run `python -m pipeline.config.reference > docs/config.md`")
 
 
 def test_every_field_is_documented_and_listed():

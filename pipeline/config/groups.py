@@ -1,30 +1,47 @@
-"""The argument groups of a run: flexfeed's own (FlexArgs, RefreshArgs), the table of groups, RunConfig.
+"""The argument groups of a run: flexfeed's own (FlexArgs, RefreshArgs), the tables of groups, RunConfig.
 
-Groups are plain keyword-only dataclasses; pipeline.config loads YAML into them. The key tables are built
-from the dataclasses at call time, so a field added to a group is a config key at once.
+Groups are plain keyword-only dataclasses, one per concern, each refusing a bad value of its own fields in
+`__post_init__` (ranges declared with `bounded`, choices typed `Literal`). The stage groups (model, data,
+store, embed, loss, grads, index, runner) live in stages.args because stages take them and may not import
+pipeline. The key tables are built from the dataclasses at call time, so a field added to a group is a
+config key at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from stages.args import DataArgs, EmbedArgs, GradsArgs, IndexArgs, LossArgs, ModelArgs, RunnerArgs, StoreArgs
-from stages.values import Range, bounded, check_fields
+from stages.values import Range, bounded, check_fields, did_you_mean
 from store.errors import FlexfeedError
 
-from . import dataflex
-from .config_compat import LLAMAFACTORY_KEYS
+from .compat import KEY_RENAMES, LLAMAFACTORY_KEYS, SPECIAL_KEYS, TRAIN_TYPE_ALIASES
 
 MAX_STEPS = 10**9
 """Largest step count accepted anywhere (a bigger one is a typo, not a plan)."""
+TrainType = Literal["static", "select", "mix", "weight"]
+"""What the online trainer does: train plainly, or select, mix or weight the data."""
+TRAIN_TYPES: tuple[str, ...] = typing.get_args(TrainType)
+
+
+def normalise_train_type(value, where: str) -> str:
+    """flexfeed's train_type for any accepted spelling (DataFlex's `dynamic_*` ones included)."""
+    if not isinstance(value, str):
+        raise FlexfeedError(f"{where} must be a string, got {value!r}", f"choose one of: {', '.join(TRAIN_TYPES)}")
+    value = TRAIN_TYPE_ALIASES.get(value, value)
+    if value not in TRAIN_TYPES:
+        raise FlexfeedError(f"{where}: unknown train_type {value!r}",
+                            did_you_mean(value, [*TRAIN_TYPES, *TRAIN_TYPE_ALIASES]))
+    return value
 
 
 @dataclass(kw_only=True)
 class FlexArgs:
-    train_type: Literal["static", "select", "mix", "weight"] = "static"
+    train_type: TrainType = "static"
     """`static` (plain training), `select`, `mix` or `weight`; DataFlex's `dynamic_*` spellings are accepted."""
     component: str | None = None
     """Registered component name (e.g. `less`, `doremi`, `loss`) or `package.module:Class`; needed unless static."""
@@ -48,7 +65,7 @@ class FlexArgs:
     """Datasets a mixer evaluates on (comma-separated string accepted); default eval_dataset."""
 
     def __post_init__(self):
-        self.train_type = dataflex.normalise_train_type(self.train_type, "train_type")
+        self.train_type = normalise_train_type(self.train_type, "train_type")
         if self.train_type != "static" and not self.component:
             raise FlexfeedError(f"train_type {self.train_type!r} needs a component",
                                 f"set component (or DataFlex's component_name), e.g. {_EXAMPLES[self.train_type]}")
@@ -84,8 +101,6 @@ FLAT_GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "store": S
 SECTION_GROUPS: dict[str, type] = {"embed": EmbedArgs, "loss": LossArgs, "grads": GradsArgs, "index": IndexArgs,
                                    "runner": RunnerArgs, "refresh": RefreshArgs}
 """Groups written as a nested mapping under their name."""
-SPECIAL_KEYS = ("components_cfg_file", "train_step")
-"""DataFlex keys handled by the loader itself rather than stored in a group."""
 
 TRAINING_RANGES: dict[str, Range] = {
     "learning_rate": Range(low=0, low_open=True, high=10),
@@ -144,9 +159,19 @@ class RunConfig:
 
 def training_fields() -> dict[str, dataclasses.Field]:
     """transformers.TrainingArguments' init fields: the accepted training keys."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # deferred: transformers is heavy and a config may not train
 
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def training_hints() -> dict:
+    """transformers.TrainingArguments' resolved field annotations (empty when they cannot be resolved)."""
+    from transformers import TrainingArguments  # deferred: transformers is heavy and a config may not train
+
+    try:
+        return typing.get_type_hints(TrainingArguments)
+    except Exception:  # noqa: BLE001 - an unresolvable hint only loses the type check
+        return {}
 
 
 def flat_keys() -> dict[str, str]:
@@ -163,7 +188,7 @@ def flat_keys() -> dict[str, str]:
 def accepted_keys() -> list[str]:
     """Every key a config may use, dotted for sections (for did-you-mean hints and the docs)."""
     keys = set(flat_keys()) | set(SECTION_GROUPS) | set(SPECIAL_KEYS) | set(LLAMAFACTORY_KEYS)
-    keys |= set(dataflex.KEY_RENAMES)
+    keys |= set(KEY_RENAMES)
     for section, cls in SECTION_GROUPS.items():
         keys |= {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
     return sorted(keys)

@@ -1,23 +1,88 @@
-"""DataFlex compatibility: its run keys, its `train_type` spellings and its components YAML.
+"""Foreign keys, one translation table per level: LLaMA-Factory's and DataFlex's run keys, DataFlex's components file.
+
+A run-config key that no argument group has is looked up in LLAMAFACTORY_KEYS: translated to a flexfeed
+or transformers key, or accepted and ignored with a one-line warning that says why; any other unknown key
+is an error. Adding a field to a group takes precedence over this table.
 
 A DataFlex run config names a component (`component_name`) whose parameters live in a separate
 components file (`components_cfg_file`, sections `selectors`/`mixers`/`weighters`). flexfeed reads that
-entry and translates each parameter with :data:`DATAFLEX_PARAMS`: to a flexfeed component parameter, to
-another config key (LESS's projection settings belong to the offline `grads:` stage here), or accepted
-and ignored with a warning saying why. A parameter the table does not list passes through under the
-same name only if the flexfeed component has that parameter; anything else is an error.
+entry and translates each parameter with DATAFLEX_PARAMS, with the same CompatKey rules: to a flexfeed
+component parameter, to another config key (LESS's projection settings belong to the offline `grads:`
+stage here), or accepted and ignored with a warning saying why. A parameter the table does not list
+passes through under the same name only if the flexfeed component has that parameter; anything else is
+an error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from stages.values import check_range, coerce, did_you_mean
 from store.errors import FlexfeedError
 
-from .config_compat import CompatKey
-from .config_values import did_you_mean, parse_yaml_text
+from .read import parse_yaml_text
 
-TRAIN_TYPES = ("static", "select", "mix", "weight")
+
+@dataclass(frozen=True, kw_only=True)
+class CompatKey:
+    """What to do with one foreign key."""
+
+    target: str | None = None
+    """`group.field` to write the (converted) value to; None means accept and ignore."""
+    reason: str
+    """Why the key is translated or ignored (shown in the warning and in docs/config.md)."""
+    convert: Callable | None = None
+    """Turns the user's value into the target's value (raises FlexfeedError on a bad one)."""
+
+    def translate(self, value, where: str):
+        """The value to write to `target`: the user's, through `convert` when the rule has one."""
+        return self.convert(value, where) if self.convert else value
+
+
+def _warmup_ratio(value, where: str):
+    value = coerce(value, float, where)
+    check_range(value, where, low=0.0, high=0.999999)
+    return value
+
+
+_FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2",
+               "fa3": "flash_attention_3"}
+
+
+def _flash_attn(value, where: str):
+    if not isinstance(value, str) or value not in _FLASH_ATTN:
+        raise FlexfeedError(f"{where}: unknown value {value!r}", f"choose one of: {', '.join(_FLASH_ATTN)}")
+    return _FLASH_ATTN[value]
+
+
+_SWANLAB = "SwanLab is not integrated; use report_to (tensorboard, wandb, ...)"
+
+LLAMAFACTORY_KEYS: dict[str, CompatKey] = {
+    "warmup_ratio": CompatKey(target="training.warmup_steps", convert=_warmup_ratio,
+                              reason="transformers 5 reads a warmup_steps value below 1 as a ratio"),
+    "flash_attn": CompatKey(target="model.attn_implementation", convert=_flash_attn,
+                            reason="auto/disabled/sdpa/fa2/fa3 become attn_implementation None/eager/sdpa/"
+                                   "flash_attention_2/flash_attention_3"),
+    "overwrite_output_dir": CompatKey(reason="transformers 5 removed it; flexfeed writes into output_dir and "
+                                             "resumes only with resume_from_checkpoint"),
+    "overwrite_cache": CompatKey(reason="flexfeed keeps no tokenized cache; the signal store is keyed by content"),
+    "preprocessing_num_workers": CompatKey(reason="tokenizing runs in the stage runner's workers (runner.n_workers)"),
+    "plot_loss": CompatKey(reason="`flexfeed report` plots the loss curves from the trainer log"),
+    "tokenized_path": CompatKey(reason="flexfeed keeps no tokenized dataset on disk"),
+    "disable_shuffling": CompatKey(reason="the training order comes from the sampler's seed and the component"),
+    "val_size": CompatKey(reason="flexfeed does not split the training data; name the data in eval_dataset"),
+    "train_from_scratch": CompatKey(reason="not supported: the pretrained weights of model_name_or_path are "
+                                           "loaded; point model_name_or_path at a freshly initialised model"),
+    "pure_bf16": CompatKey(reason="pure-bf16 training is not supported; bf16 gives mixed precision"),
+    "print_param_status": CompatKey(reason="peft prints the trainable parameter count"),
+    "include_effective_tokens_per_second": CompatKey(reason="the run report has tokens per second"),
+    "early_stopping_steps": CompatKey(reason="early stopping is not supported"),
+    **{key: CompatKey(reason=_SWANLAB) for key in (
+        "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode",
+        "swanlab_api_key", "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
+}
 
 TRAIN_TYPE_ALIASES = {
     "dynamic_select": "select",
@@ -33,6 +98,8 @@ SECTIONS = {"select": "selectors", "mix": "mixers", "weight": "weighters"}
 
 KEY_RENAMES = {"component_name": "component", "component_overrides": "component_args"}
 """DataFlex run keys spelled differently in flexfeed (same meaning)."""
+SPECIAL_KEYS = ("components_cfg_file", "train_step")
+"""DataFlex run keys handled by the loader itself rather than stored in a group."""
 
 _STORE = "the signal store keeps these results, keyed by content, so there is no cache folder"
 _GRADS = {
@@ -107,29 +174,6 @@ DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
 """Per (components-file section, component) DataFlex parameter -> flexfeed target or ignore reason."""
 
 
-def normalise_train_type(value, where: str) -> str:
-    """flexfeed's train_type for any accepted spelling."""
-    if not isinstance(value, str):
-        raise FlexfeedError(f"{where} must be a string, got {value!r}", f"choose one of: {', '.join(TRAIN_TYPES)}")
-    value = TRAIN_TYPE_ALIASES.get(value, value)
-    if value not in TRAIN_TYPES:
-        raise FlexfeedError(f"{where}: unknown train_type {value!r}",
-                            did_you_mean(value, list(TRAIN_TYPES) + list(TRAIN_TYPE_ALIASES)))
-    return value
-
-
-def find_file(value: str, config_path: Path, where: str) -> Path:
-    """A file named in a config: relative to the config's folder first, then to the working directory."""
-    raw = Path(value).expanduser()
-    candidates = [raw] if raw.is_absolute() else [config_path.parent / raw, Path.cwd() / raw]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
-    tried = " or ".join(repr(str(c)) for c in candidates)
-    raise FlexfeedError(f"{where}: file {value!r} not found (tried {tried})",
-                        "write a path relative to the config file or an absolute path")
-
-
 def read_components_file(path: Path) -> dict:
     """The parsed components YAML (sections selectors/mixers/weighters)."""
     data = parse_yaml_text(path.read_text(), str(path))
@@ -187,7 +231,7 @@ def translate_params(train_type: str, name: str, params: dict, known: set[str] |
             warnings.append(f"{where}: DataFlex parameter {key!r} ignored: {rule.reason}")
         elif rule is not None:
             group, _, field_name = rule.target.partition(".")
-            value = rule.convert(value, f"{where}, {key!r}") if rule.convert else value
+            value = rule.translate(value, f"{where}, {key!r}")
             if group == "component_args":
                 component_args[field_name] = value
             else:
