@@ -16,6 +16,8 @@ from stages.values import bounded, check_fields
 
 @dataclass(kw_only=True)
 class ModelArgs:
+    """The model to load and how it is fine-tuned."""
+
     model_name_or_path: str = ""
     """Local directory of a causal LM (config, weights, tokenizer)."""
     adapter_name_or_path: str | None = None
@@ -43,6 +45,8 @@ class ModelArgs:
 
 @dataclass(kw_only=True)
 class DataArgs:
+    """Which datasets (each a domain) and how they are tokenized."""
+
     dataset: list[str] = field(default_factory=list)
     """Dataset names from dataset_info.json (comma-separated string accepted); each is a domain."""
     dataset_dir: str = "data"
@@ -66,6 +70,8 @@ class DataArgs:
 
 @dataclass(kw_only=True)
 class RunnerArgs:
+    """Where offline stages run: a Dask LocalCluster here, or an existing scheduler."""
+
     scheduler: str | None = None
     """Address of an existing Dask scheduler; None starts a LocalCluster on this machine."""
     n_workers: int | None = bounded(None, low=1, high=4096)
@@ -83,6 +89,8 @@ class RunnerArgs:
 
 @dataclass(kw_only=True)
 class EmbedArgs:
+    """The embedding stage (section `embed:`)."""
+
     backend: Literal["auto", "hf", "vllm", "sentence-transformers"] = "auto"
     """`auto`, `hf`, `vllm` or `sentence-transformers`."""
     model_name_or_path: str | None = None
@@ -102,6 +110,8 @@ class EmbedArgs:
 
 @dataclass(kw_only=True)
 class LossArgs:
+    """The per-sample loss stage (section `loss:`)."""
+
     model_name_or_path: str | None = None
     """Model to score with (e.g. a DoReMi reference model); default the training model."""
     adapter_name_or_path: str | None = None
@@ -117,6 +127,8 @@ class LossArgs:
 
 @dataclass(kw_only=True)
 class GradsArgs:
+    """The gradient-feature stage (section `grads:`)."""
+
     proj_dim: int = bounded(8192, low=1, high=2**20)
     """Dimension of the projected gradient features."""
     proj_type: Literal["rademacher", "gaussian"] = "rademacher"
@@ -150,6 +162,8 @@ class GradsArgs:
 
 @dataclass(kw_only=True)
 class IndexArgs:
+    """The FAISS index stage (section `index:`)."""
+
     signal: str = "embed"
     """Name of the signal to index."""
     flat_max_rows: int = bounded(100_000, low=1, high=10**12)
@@ -161,6 +175,8 @@ class IndexArgs:
 
 @dataclass(kw_only=True)
 class StoreArgs:
+    """The signal store."""
+
     store: str = "store"
     """Store directory (one per dataset fingerprint)."""
     shard_rows: int = bounded(4096, low=1, high=10**8)

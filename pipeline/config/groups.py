@@ -41,6 +41,8 @@ def normalise_train_type(value, where: str) -> str:
 
 @dataclass(kw_only=True)
 class FlexArgs:
+    """What the online trainer decides (select, mix or weight), with which component, and when."""
+
     train_type: TrainType = "static"
     """`static` (plain training), `select`, `mix` or `weight`; DataFlex's `dynamic_*` spellings are accepted."""
     component: str | None = None
@@ -85,6 +87,8 @@ _EXAMPLES = {"select": "component: less", "mix": "component: doremi", "weight": 
 
 @dataclass(kw_only=True)
 class RefreshArgs:
+    """Which signals are recomputed as the model changes (section `refresh:`)."""
+
     enabled: bool = True
     """Recompute stale shards of the signals the component reads before each decision."""
     max_staleness: int | None = bounded(None, low=0, high=MAX_STEPS)
