@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m demo
 
 bench: $(STAMP)
 	for b in bench/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
@@ -38,7 +38,7 @@ stages: $(STAMP)
 	$(BIN)/flexfeed stage all $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline stages store tests bench
+	$(BIN)/ruff check pipeline stages store tests bench demo
 
 clean:
 	rm -rf $(VENV) demo_out bench_out .pytest_cache

@@ -68,8 +68,8 @@ def tokenizer_texts(datasets: dict[str, list[dict]], limit: int = 2000) -> list[
 
 def make_model(out_dir: str | os.PathLike, texts: list[str], vocab_size: int = 512, seed: int = 0,
                **overrides) -> Path:
-    """A tiny random Llama and its tokenizer saved at `out_dir` (stages.tiny)."""
-    from stages.tiny import make_tiny_checkpoint
+    """A tiny random Llama and its tokenizer saved at `out_dir` (demo.tiny)."""
+    from demo.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(out_dir, texts, vocab_size=vocab_size, seed=seed, **overrides)
 

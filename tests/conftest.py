@@ -26,6 +26,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path of a saved tiny Llama + trained tokenizer (session-wide, built once)."""
-    from stages.tiny import SAMPLE_TEXTS, make_tiny_checkpoint
+    from demo.tiny import SAMPLE_TEXTS, make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), SAMPLE_TEXTS, vocab_size=300)

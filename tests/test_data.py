@@ -149,7 +149,7 @@ def test_pt_trains_every_token(tmp_path, tok, ext):
 
 
 def test_chat_template_boundaries_from_prefix_renders(tmp_path, tok):
-    # stages.tiny's chat template, written out by hand: the assistant part is "{answer}</s>\n"
+    # demo.tiny's chat template, written out by hand: the assistant part is "{answer}</s>\n"
     d = make_dir(tmp_path, {"a": ({"file_name": "a.jsonl"}, ALPACA[:2]),
                             "s": ({"file_name": "s.jsonl", "formatting": "sharegpt"}, SHAREGPT[:1])})
     eos = tok.eos_token

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from demo.tiny import SAMPLE_TEXTS, train_tokenizer
 from stages.args import DataArgs
 from stages.data import load_data
-from stages.tiny import SAMPLE_TEXTS, train_tokenizer
 from store.errors import FlexfeedError
 
 GOOD = {"instruction": "q", "output": "a"}

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.slow
 def test_small_demo_end_to_end_and_rerun_reuses_the_store(tmp_path):
-    from pipeline.demo import run_demo
+    from demo.run import run_demo
 
     summary = run_demo(tmp_path / "demo", size="small")
     share = summary["target_share"]

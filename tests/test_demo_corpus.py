@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.demo_corpus import DOMAINS, MAX_CHARS, build_corpus, corpus_texts
+from demo.corpus import DOMAINS, MAX_CHARS, build_corpus, corpus_texts
+from demo.tiny import train_tokenizer
 from stages.args import DataArgs
 from stages.batching import IGNORE_INDEX
 from stages.data import load_data
-from stages.tiny import train_tokenizer
 from store.errors import FlexfeedError
 
 

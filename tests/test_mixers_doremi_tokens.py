@@ -61,7 +61,7 @@ def exact_step(alpha, excess):
 
 @pytest.mark.timeout(60)
 def test_per_sample_excess_against_exact_per_token_online_doremi():
-    from stages.tiny import build_tiny_llama, train_tokenizer
+    from demo.tiny import build_tiny_llama, train_tokenizer
 
     torch.manual_seed(0)
     tok = train_tokenizer((CODE + PROSE) * 4, vocab_size=300)

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
+from demo.tiny import build_tiny_llama
 from stages.args import ModelArgs
 from stages.models import load_model, load_tokenizer, lora_parameters, model_identity
-from stages.tiny import build_tiny_llama
 from store.errors import FlexfeedError
 
 INPUT = torch.tensor([[5, 17, 42, 99, 7, 3]])

@@ -1,4 +1,4 @@
-"""Tiny Llama-style models and tokenizers made on the spot (tests, demo, benchmarks).
+"""Tiny Llama-style models and tokenizers made on the spot (the demo, the tests and the benchmarks).
 
 Nothing is fetched from a model hub: the tokenizer is trained on the given texts, and the model
 is built from a config with random weights. Saved with ``save_pretrained`` so every other part of

@@ -14,11 +14,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from demo.corpus import DOMAINS, build_corpus, corpus_texts
+from demo.tiny import build_tiny_llama, train_tokenizer
+from pipeline.config import load_config
+from pipeline.report import write_report
+from pipeline.run_files import DECISIONS_FILE
+from pipeline.stage_job import run_stage_job
+from pipeline.train import train
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "demo" / "base.yaml"
 MODEL_CONFIG = ROOT / "configs" / "model" / "tiny_llama.json"
 TARGET_DOMAIN = "arithmetic"
-DOMAINS = ["pydoc", "stdlib_code", "docstrings", "arithmetic", "instructions"]
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -60,8 +69,6 @@ def say(msg: str) -> None:
 
 def write_config(out: Path, name: str, overrides: dict) -> Path:
     """The base YAML with absolute paths and this run's keys, saved where a user can rerun it."""
-    import yaml
-
     cfg = yaml.safe_load(BASE_CONFIG.read_text())
 
     def moved(path: str) -> str:
@@ -80,12 +87,6 @@ def write_config(out: Path, name: str, overrides: dict) -> Path:
 
 def build_model(out: Path, size: DemoSize) -> None:
     """Tokenizer trained on the corpus, tiny Llama from configs/model, warmed up on plain text."""
-    from stages.tiny import build_tiny_llama, train_tokenizer
-
-    from .config import load_config
-    from .demo_corpus import corpus_texts
-    from .train import train
-
     if (out / "model" / "model.safetensors").exists():
         say("model: reusing demo_out/model")
         return
@@ -112,9 +113,6 @@ def build_model(out: Path, size: DemoSize) -> None:
 
 def warmup_lora(out: Path, size: DemoSize) -> None:
     """LESS's warm-up: a short LoRA run whose checkpoints (with Adam state) precondition gradients."""
-    from .config import load_config
-    from .train import train
-
     last = out / "runs" / "warmup_lora" / f"checkpoint-{size.lora_steps}"
     if (last / "optimizer.pt").exists():
         say("LoRA warm-up: reusing its checkpoints")
@@ -126,9 +124,7 @@ def warmup_lora(out: Path, size: DemoSize) -> None:
 
 
 def run_stages(out: Path) -> int:
-    from .config import load_config
-    from .jobs import run_stage_job
-
+    """`flexfeed stage all` on the demo's config; returns how many shards were recomputed."""
     cfg = load_config(write_config(out, "stages", {}))
     t0 = time.perf_counter()
     results = run_stage_job(cfg, "all")
@@ -143,9 +139,7 @@ def run_stages(out: Path) -> int:
 
 
 def train_runs(out: Path, size: DemoSize) -> dict:
-    from .config import load_config
-    from .train import train
-
+    """One training run per strategy in RUNS, each from a fresh output folder; their summaries by name."""
     summaries = {}
     for name, overrides in RUNS:
         run_dir = out / "runs" / name
@@ -163,7 +157,7 @@ def train_runs(out: Path, size: DemoSize) -> dict:
 def target_share(run_dir: Path, domain: str = TARGET_DOMAIN) -> float:
     """Share of the target domain among the rows chosen at decisions."""
     chosen = total = 0
-    for line in (run_dir / "flexfeed_decisions.jsonl").read_text().splitlines():
+    for line in (run_dir / DECISIONS_FILE).read_text().splitlines():
         d = json.loads(line)
         if d.get("decision"):
             chosen += d["per_domain"].get(domain, 0)
@@ -210,9 +204,6 @@ def findings(summary: dict) -> list[str]:
 
 def run_demo(out_dir: str | Path = "demo_out", size: str = "full") -> dict:
     """Build, compute, train, report; returns summary.json's content."""
-    from .demo_corpus import build_corpus
-    from .report import write_report
-
     out = Path(out_dir).resolve()
     sz = SIZES[size]
     t0 = time.perf_counter()
@@ -236,7 +227,7 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "full") -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--out", default="demo_out", help="Folder for everything the demo makes.")
     parser.add_argument("--size", default="full", choices=sorted(SIZES), help="Corpus and run sizes.")
     args = parser.parse_args()
