@@ -96,6 +96,14 @@ def test_imports_point_one_way():
     assert not bad, "\n".join(sorted(bad))
 
 
+def test_stages_imports_are_absolute():
+    # one convention per package: stages spells `from stages.x import ...` (store stays relative)
+    relative = [f"{name}:{node.lineno}" for name, path in module_files("stages").items()
+                for node in ast.walk(ast.parse(path.read_text(), str(path)))
+                if isinstance(node, ast.ImportFrom) and node.level]
+    assert not relative, relative
+
+
 def test_the_graph_sees_cycles_and_relative_imports():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "x"}, "b": set()}) is None
