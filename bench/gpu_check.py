@@ -40,7 +40,7 @@ def tiny_run_dir(tmp: Path) -> Path:
 
 def check_embeddings(cfg_path: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.jobs import prepare
+    from pipeline.prepared import prepare
     from stages.args import EmbedArgs
     from stages.embed import EmbedStage
 
@@ -146,7 +146,7 @@ def check_faiss() -> None:
 
 def check_deepspeed(cfg_path: Path, tmp: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.jobs import run_stage_job
+    from pipeline.stage_job import run_stage_job
 
     run_stage_job(load_config(cfg_path, training=False), "all", progress=False)
     out = tmp / "ds"

@@ -9,10 +9,11 @@ import numpy as np
 
 from store.errors import FlexfeedError
 
+from .config.groups import TRAIN_TYPES
 from .plan import Windows, draw_by_proportions, permutation_slice
 from .strategies import DecisionContext, Strategy
 
-KINDS = ("static", "select", "mix", "weight")
+KINDS = TRAIN_TYPES  # one list, defined with the config's train_type
 
 
 class Scheduler:
