@@ -32,7 +32,7 @@ def say(msg: str) -> None:
 
 def tiny_run_dir(tmp: Path) -> Path:
     from demo.tiny import SAMPLE_TEXTS, make_tiny_checkpoint
-    from tests.run_fixtures import make_run_dir
+    from tests.helpers.run_fixtures import make_run_dir
 
     ckpt = make_tiny_checkpoint(tmp / "ckpt", SAMPLE_TEXTS, vocab_size=300)
     return make_run_dir(tmp / "run", ckpt)

@@ -19,7 +19,7 @@ from pipeline.stage_job import run_stage_job
 from pipeline.train import train
 from stages.grads.stage import GradsStage
 from store.errors import FlexfeedError
-from tests.run_fixtures import make_run_dir
+from tests.helpers.run_fixtures import make_run_dir
 
 PROJ_DIM = 64
 

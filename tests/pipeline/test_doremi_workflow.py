@@ -10,9 +10,9 @@ import pytest
 from pipeline.config import load_config
 from pipeline.stage_job import run_stage_job
 from pipeline.train import train
-from tests.run_fixtures import make_run_dir
+from tests.helpers.run_fixtures import make_run_dir
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_three_doremi_configs_run_in_order_and_the_third_reads_the_second(tiny_checkpoint, tmp_path):

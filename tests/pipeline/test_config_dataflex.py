@@ -21,7 +21,7 @@ from pipeline.config.compat import (
 from pipeline.strategies.registry import registry_for
 from store.errors import FlexfeedError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAMILY = {section: train_type for train_type, section in SECTIONS.items()}
 
 BASE = {"model_name_or_path": "demo_out/model", "dataset": "pydoc,arithmetic", "output_dir": "out",

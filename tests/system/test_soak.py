@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from soak_stage import slow_loss_run
-from soak_store_writer import open_signals, run_child, soak_values, write_loop
-from store_helpers import child_env, make_store
 
 from store.maintenance import gc, verify
 from store.store import Store
+from tests.helpers.soak_stage import slow_loss_run
+from tests.helpers.soak_store_writer import open_signals, run_child, soak_values, write_loop
+from tests.helpers.store_helpers import child_env, make_store
 
 pytestmark = pytest.mark.multiproc
 
 SOAK = os.environ.get("FLEXFEED_SOAK") == "1"
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = Path(__file__).resolve().parents[2]
+HELPERS = REPO / "tests" / "helpers"  # the child scripts
 FOREVER = 10**6  # a generation target no killed writer reaches
 
 
@@ -50,7 +50,7 @@ def _context():
     if _CTX is None:
         _CTX = multiprocessing.get_context("forkserver")
         _CTX.set_forkserver_preload(["numpy", "zarr", "torch", "transformers", "store.store", "stages.loss",
-                                     "stages.runner", "soak_store_writer", "soak_stage"])
+                                     "stages.runner", "tests.helpers.soak_store_writer", "tests.helpers.soak_stage"])
     return _CTX
 
 
@@ -174,7 +174,7 @@ def _soak_store(tmp_path, kills: int, spawned: bool, seed: int) -> dict:
     for _ in range(kills):
         pause = rng.choice([0.0, 0.0, 0.005, 0.02])
         if spawned:
-            child = Child.spawn(tmp_path / f"out{stats['kills']}.txt", str(HERE / "soak_store_writer.py"),
+            child = Child.spawn(tmp_path / f"out{stats['kills']}.txt", str(HELPERS / "soak_store_writer.py"),
                                 str(st.root), str(FOREVER), str(pause))
             child.wait_lines(1, timeout_s=120)  # past the interpreter's start-up
         else:
@@ -228,7 +228,7 @@ def test_spawned_writer_script_killed_at_random_moments(tmp_path):
 # --------------------------------------------------------------------------- stage runs
 @pytest.fixture(scope="module")
 def run_dir(tiny_checkpoint, tmp_path_factory):
-    from tests.run_fixtures import make_run_dir
+    from tests.helpers.run_fixtures import make_run_dir
 
     root = tmp_path_factory.mktemp("soak_run")
     return make_run_dir(root, tiny_checkpoint), root
@@ -317,7 +317,7 @@ def test_flexfeed_stage_cli_killed_then_rerun_matches_an_uninterrupted_run(run_d
     cfg, _ = run_dir
     rng = random.Random(4)
     stores = {"killed": tmp_path / "killed", "clean": tmp_path / "clean"}
-    child = Child.spawn(tmp_path / "cli.txt", str(HERE / "soak_stage.py"), "0.25", "stage", "loss", str(cfg),
+    child = Child.spawn(tmp_path / "cli.txt", str(HELPERS / "soak_stage.py"), "0.25", "stage", "loss", str(cfg),
                         "shard_rows=4", f"store={stores['killed']}")
     deadline = time.monotonic() + 180
     while not list(stores["killed"].glob("*/signals/*/commits/*.json")):
@@ -356,9 +356,8 @@ def _batches(path: Path) -> list[list[int]]:
 
 
 def _record_in_process(monkeypatch, rows_file: Path) -> None:
-    import soak_train
-
     from pipeline.trainer import FlexfeedTrainer
+    from tests.helpers import soak_train
 
     monkeypatch.setattr(FlexfeedTrainer, "compute_loss", FlexfeedTrainer.compute_loss)
     soak_train.record_batches(str(rows_file))
@@ -380,7 +379,7 @@ def test_flexfeed_train_killed_after_a_checkpoint_resumes_with_identical_batches
     resumed_from = []
     for cycle in range(cycles):
         out, rows_file = tmp_path / f"cut{cycle}", tmp_path / f"cut{cycle}.jsonl"
-        child = Child.spawn(tmp_path / f"train{cycle}.txt", str(HERE / "soak_train.py"), str(rows_file), "0.3", str(cfg), f"output_dir={out}",
+        child = Child.spawn(tmp_path / f"train{cycle}.txt", str(HELPERS / "soak_train.py"), str(rows_file), "0.3", str(cfg), f"output_dir={out}",
                             *COMMON)
         first = out / "checkpoint-5" / "flexfeed_state.json"
         deadline = time.monotonic() + 240

@@ -10,12 +10,12 @@ import time
 
 import numpy as np
 import pytest
-from store_helpers import fill, make_store, start_writer
-from store_writer import DIM, SPEC, shard_values
 
 from store.errors import LockBusy
 from store.maintenance import gc, verify
 from store.store import Store
+from tests.helpers.store_helpers import fill, make_store, start_writer
+from tests.helpers.store_writer import DIM, SPEC, shard_values
 
 pytestmark = pytest.mark.multiproc
 

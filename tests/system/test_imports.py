@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "stages", "store")
 # what each package may import among the checkout's top-level packages (itself always)
 ALLOWED = {"store": set(), "stages": {"store"}, "pipeline": {"stages", "store"}}

@@ -24,7 +24,7 @@ from stages.models import load_model, load_tokenizer
 from stages.runner import run_stage
 from store.store import Store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_vllm_backend_agrees_with_hf(setup):
 
 
 def test_each_dask_worker_loads_the_model_once(setup, tmp_path, monkeypatch):
-    from tests.stage_counting import CountingLossStage
+    from tests.helpers.stage_counting import CountingLossStage
 
     margs, _, data, _ = setup
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # workers import the test stage class

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from store_helpers import make_store
 
 from store.errors import StoreError
 from store.faiss_index import build_index, index_status, ivf_nlist, load_index
 from store.maintenance import gc
+from tests.helpers.store_helpers import make_store
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

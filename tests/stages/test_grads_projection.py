@@ -18,7 +18,7 @@ from stages.grads.hooks import per_sample_grads
 from stages.grads.projection import canonical_name, split_dim
 from store.errors import FlexfeedError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("shape", [(3, 7), (9, 2)])

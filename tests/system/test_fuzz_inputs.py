@@ -19,13 +19,13 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_helpers import child_env
 
 from pipeline.cli import main
 from store.errors import FlexfeedError
+from tests.helpers.store_helpers import child_env
 
 SOAK = os.environ.get("FLEXFEED_SOAK") == "1"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRIED: dict[str, int] = {}  # malformed inputs tried, per family
 
 
@@ -35,7 +35,7 @@ def _tried(family: str) -> None:
 
 @pytest.fixture(scope="module")
 def run_root(tiny_checkpoint, tmp_path_factory):
-    from tests.run_fixtures import make_run_dir
+    from tests.helpers.run_fixtures import make_run_dir
 
     root = tmp_path_factory.mktemp("fuzz_run")
     make_run_dir(root, tiny_checkpoint)

@@ -14,7 +14,7 @@ from pipeline.signal_stages import stages_for
 from pipeline.stage_job import run_stage_job
 from pipeline.train import train
 from pipeline.trainer import FlexfeedTrainer
-from tests.run_fixtures import make_run_dir
+from tests.helpers.run_fixtures import make_run_dir
 
 
 @pytest.fixture(scope="module")

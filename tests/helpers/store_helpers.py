@@ -14,7 +14,7 @@ from store.store import Store
 
 FINGERPRINT = "0123456789abcdef0123"
 WRITER = Path(__file__).with_name("store_writer.py")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_store(path, num_rows: int = 10, shard_rows: int = 4) -> Store:

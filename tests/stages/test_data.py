@@ -260,7 +260,7 @@ def test_fingerprint_same_in_another_process_and_follows_content(tmp_path, tok, 
                                     "s": ({"file_name": "s.parquet", "formatting": "sharegpt"}, SHAREGPT)})
     here = load_data(DataArgs(dataset=["a", "s"], dataset_dir=str(d)), tok).fingerprint
     out = subprocess.run([sys.executable, "-c", FINGERPRINT_SCRIPT, str(tiny_checkpoint), str(d)],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
     assert out.stdout.strip().splitlines()[-1] == here
     # other file names and formats, same content: same fingerprint
     moved = make_dir(tmp_path / "two", {"a": ({"file_name": "renamed.csv"}, ALPACA),

@@ -62,12 +62,12 @@ def test_bad_parameter_values_are_refused():
 
 
 def test_user_selector_by_import_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    sel = SELECTORS.build("tests.test_selectors_registry:EveryOtherRow", {"offset": 1})
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    sel = SELECTORS.build("tests.pipeline.test_selectors_registry:EveryOtherRow", {"offset": 1})
     ctx = DecisionContext(step=0, num_rows=7, domain_ids=np.zeros(7, dtype=int), domain_names=["all"],
                           rng=np.random.default_rng(0), signals=InMemorySignals())
     assert list(sel.select(ctx, 5).indices) == [1, 3, 5, 0, 2]
     with pytest.raises(FlexfeedError, match="did you mean 'offset'"):
-        SELECTORS.build("tests.test_selectors_registry:EveryOtherRow", {"ofset": 1})
+        SELECTORS.build("tests.pipeline.test_selectors_registry:EveryOtherRow", {"ofset": 1})
     with pytest.raises(FlexfeedError, match="cannot load"):
-        SELECTORS.build("tests.test_selectors_registry:NoSuchClass")
+        SELECTORS.build("tests.pipeline.test_selectors_registry:NoSuchClass")

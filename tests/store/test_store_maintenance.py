@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from store_helpers import fill, make_store, snapshot
 
 from store.layout import LOCKS_DIR, SIGNAL_META, SIGNALS_DIR
 from store.locks import FileLock
 from store.maintenance import gc, info, verify
+from tests.helpers.store_helpers import fill, make_store, snapshot
 
 
 @pytest.fixture

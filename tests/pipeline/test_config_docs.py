@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.config import FLAT_GROUPS, SECTION_GROUPS, FlexArgs, accepted_keys
 from pipeline.config.reference import field_docs, reference_markdown
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
 
 def test_docs_config_md_is_up_to_date():

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from store_helpers import fill, make_store
 
 from pipeline.cli import main
+from tests.helpers.store_helpers import fill, make_store
 
 
 @pytest.fixture

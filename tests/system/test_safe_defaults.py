@@ -17,13 +17,13 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from store_helpers import FINGERPRINT, make_store
 
 from store.errors import FlexfeedError, StoreError
 from store.layout import check_key, check_name
 from store.store import Store
+from tests.helpers.store_helpers import FINGERPRINT, make_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "stages", "store")
 
 
@@ -300,9 +300,8 @@ def test_an_unreadable_store_header_is_refused_with_its_path(tmp_path, content):
 
 
 def test_damaged_signal_header_or_commit_record_is_reported_not_crashed(tmp_path):
-    from store_helpers import fill
-
     from store.maintenance import verify
+    from tests.helpers.store_helpers import fill
 
     st_ = make_store(tmp_path / "s")
     a, b = st_.signal("a", {}), st_.signal("b", {})

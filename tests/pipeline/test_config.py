@@ -16,7 +16,7 @@ from pipeline.config.compat import read_components_file
 from pipeline.strategies.registry import registry_for
 from store.errors import FlexfeedError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.name != "components.yaml")
 
 BASE = {"model_name_or_path": "demo_out/model", "dataset": "pydoc,arithmetic", "dataset_dir": "demo_out/data",

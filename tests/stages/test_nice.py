@@ -18,7 +18,7 @@ from stages.grads.rewards import exact_match, load_reward, token_f1
 from stages.grads.stage import GradsStage
 from store.errors import FlexfeedError
 
-HERE = "tests.test_nice"
+HERE = "tests.stages.test_nice"
 CALLS: list[tuple] = []
 
 # prompt tokens masked, answer trained, the second row's answer ends with </s> (id 2)
@@ -208,7 +208,7 @@ def test_nice_trains_end_to_end_and_logs_decisions(tiny_checkpoint, tmp_path):
     from pipeline.prepared import prepare
     from pipeline.stage_job import run_stage_job
     from pipeline.train import train
-    from tests.run_fixtures import make_run_dir
+    from tests.helpers.run_fixtures import make_run_dir
 
     path = make_run_dir(tmp_path / "run", tiny_checkpoint)
     cfg = load_config(path, [f"output_dir={tmp_path / 'out'}", "train_type=select", "component=nice",
@@ -230,7 +230,7 @@ def test_nice_trains_end_to_end_and_logs_decisions(tiny_checkpoint, tmp_path):
 def test_nice_target_features_missing_offline_are_computed_by_the_offline_stage_at_the_first_decision(tiny_checkpoint, tmp_path):
     from pipeline.config import load_config
     from pipeline.train import train
-    from tests.run_fixtures import make_run_dir
+    from tests.helpers.run_fixtures import make_run_dir
 
     path = make_run_dir(tmp_path / "run", tiny_checkpoint)
     cfg = load_config(path, [f"output_dir={tmp_path / 'out'}", "train_type=select", "component=nice",

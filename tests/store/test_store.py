@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from store_helpers import FINGERPRINT, child_env, fill, make_store, snapshot
 
 from store.errors import FlexfeedError, StoreError
 from store.hashing import fingerprint_records
 from store.layout import STORE_META
 from store.store import Store
+from tests.helpers.store_helpers import FINGERPRINT, child_env, fill, make_store, snapshot
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
