@@ -12,13 +12,8 @@ from pipeline.strategies import MIXERS, DecisionContext, InMemorySignals
 from store.errors import FlexfeedError
 
 NAMES = ["code", "prose", "math"]
-
-
-def make_ctx(domain_ids=(0, 0, 0, 0, 0, 0, 1, 1, 1, 2), names=NAMES, ref_loss=None, seed=0, step=10):
-    domain_ids = np.asarray(domain_ids)
-    train = {} if ref_loss is None else {"ref_loss": np.asarray(ref_loss, dtype=np.float64)}
-    return DecisionContext(step=step, num_rows=len(domain_ids), domain_ids=domain_ids, domain_names=list(names),
-                           rng=np.random.default_rng(seed), signals=InMemorySignals(train=train))
+# the ten rows most mixer tests decide over: six code, three prose, one math
+MIX = {"domain_ids": (0, 0, 0, 0, 0, 0, 1, 1, 1, 2), "domain_names": NAMES}
 
 
 def assert_hint(exc_info, *words):
@@ -30,8 +25,8 @@ def assert_hint(exc_info, *words):
 
 # ---------------------------------------------------------------- static
 
-def test_static_uniform_stratified_and_list():
-    ctx = make_ctx()
+def test_static_uniform_stratified_and_list(make_ctx):
+    ctx = make_ctx(**MIX)
     np.testing.assert_allclose(MIXERS.build("static").proportions(ctx), [1 / 3, 1 / 3, 1 / 3])
     # 6, 3 and 1 rows per domain -> 0.6, 0.3, 0.1
     np.testing.assert_allclose(MIXERS.build("static", {"proportions": "stratified"}).proportions(ctx), [0.6, 0.3, 0.1])
@@ -39,58 +34,58 @@ def test_static_uniform_stratified_and_list():
     np.testing.assert_allclose(MIXERS.build("static", {"proportions": [2, 1, 1]}).proportions(ctx), [0.5, 0.25, 0.25])
 
 
-def test_static_reads_a_doremi_weights_file_by_domain_name(tmp_path):
+def test_static_reads_a_doremi_weights_file_by_domain_name(tmp_path, make_ctx):
     path = tmp_path / "domain_weights.json"
     # keys in a different order than the run's domains, and not normalised
     path.write_text(json.dumps({"domain_weights": {"math": 1.0, "code": 2.0, "prose": 5.0}}))
-    props = MIXERS.build("static", {"proportions": str(path)}).proportions(make_ctx())
+    props = MIXERS.build("static", {"proportions": str(path)}).proportions(make_ctx(**MIX))
     np.testing.assert_allclose(props, [2 / 8, 5 / 8, 1 / 8])
 
 
-def test_static_bad_params_are_errors_with_hints(tmp_path):
+def test_static_bad_params_are_errors_with_hints(tmp_path, make_ctx):
     with pytest.raises(FlexfeedError) as exc:
         MIXERS.build("static", {"proportions": [0.5, -0.1, 0.6]})
     assert_hint(exc, "non-negative")
     with pytest.raises(FlexfeedError) as exc:
-        MIXERS.build("static", {"proportions": [0.5, 0.5]}).proportions(make_ctx())
+        MIXERS.build("static", {"proportions": [0.5, 0.5]}).proportions(make_ctx(**MIX))
     assert_hint(exc, "2 values", "3 domains")
     with pytest.raises(FlexfeedError) as exc:
-        MIXERS.build("static", {"proportions": str(tmp_path / "missing.json")}).proportions(make_ctx())
+        MIXERS.build("static", {"proportions": str(tmp_path / "missing.json")}).proportions(make_ctx(**MIX))
     assert_hint(exc, "does not exist", "doremi")
     wrong = tmp_path / "other.json"
     wrong.write_text(json.dumps({"domain_weights": {"code": 1.0, "web": 1.0}}))
     with pytest.raises(FlexfeedError) as exc:
-        MIXERS.build("static", {"proportions": str(wrong)}).proportions(make_ctx())
+        MIXERS.build("static", {"proportions": str(wrong)}).proportions(make_ctx(**MIX))
     assert_hint(exc, "web", "same datasets")
     with pytest.raises(FlexfeedError) as exc:
         MIXERS.build("static", {"propotions": "uniform"})
     assert_hint(exc, "propotions", "proportions")
 
 
-def test_static_state_keeps_resolved_proportions(tmp_path):
+def test_static_state_keeps_resolved_proportions(tmp_path, make_ctx):
     path = tmp_path / "w.json"
     path.write_text(json.dumps({"domain_weights": {"code": 1.0, "prose": 1.0, "math": 2.0}}))
     mixer = MIXERS.build("static", {"proportions": str(path)})
-    first = mixer.proportions(make_ctx())
+    first = mixer.proportions(make_ctx(**MIX))
     path.unlink()  # a resumed run no longer needs the file
     again = MIXERS.build("static", {"proportions": str(path)})
     again.load_state_dict(mixer.state_dict())
-    np.testing.assert_array_equal(again.proportions(make_ctx()), first)
+    np.testing.assert_array_equal(again.proportions(make_ctx(**MIX)), first)
 
 
 # ---------------------------------------------------------------- random
 
-def test_random_proportions_are_valid_and_follow_the_seed():
+def test_random_proportions_are_valid_and_follow_the_seed(make_ctx):
     mixer = MIXERS.build("random", {"alpha": 0.5})
-    a = [mixer.proportions(make_ctx(seed=7)) for _ in range(3)]
-    b = mixer.proportions(make_ctx(seed=8))
+    a = [mixer.proportions(make_ctx(**MIX, seed=7)) for _ in range(3)]
+    b = mixer.proportions(make_ctx(**MIX, seed=8))
     for p in a + [b]:
         assert p.shape == (3,) and np.all(p >= 0) and math.isclose(p.sum(), 1.0)
     np.testing.assert_array_equal(a[0], a[1])  # same seed, same draw
     assert not np.allclose(a[0], b)
     # the draw is exactly numpy's Dirichlet from the context's rng
     np.testing.assert_allclose(a[0], np.random.default_rng(7).dirichlet([0.5, 0.5, 0.5]))
-    ctx = make_ctx(seed=3)
+    ctx = make_ctx(**MIX, seed=3)
     first, second = mixer.proportions(ctx), mixer.proportions(ctx)
     assert not np.allclose(first, second)  # fresh proportions at each decision
     with pytest.raises(FlexfeedError):
@@ -99,10 +94,10 @@ def test_random_proportions_are_valid_and_follow_the_seed():
 
 # ---------------------------------------------------------------- doremi
 
-def test_doremi_update_follows_the_formula_step_by_step():
+def test_doremi_update_follows_the_formula_step_by_step(make_ctx):
     eta, eps = 0.5, 0.1
     ref = np.array([1.0, 2.0, 1.5, 3.0, 0.5, 1.0, 2.0, 2.0, 1.0, 1.0])
-    ctx = make_ctx(ref_loss=ref)
+    ctx = make_ctx(**MIX, train={"ref_loss": ref})
     mixer = MIXERS.build("doremi", {"reweight_eta": eta, "reweight_eps": eps})
     assert [(n.name, n.split, n.refresh) for n in mixer.needs()] == [("ref_loss", "train", False)]
 
@@ -139,16 +134,16 @@ def test_doremi_update_follows_the_formula_step_by_step():
     assert mixer.num_updates == 3
 
 
-def test_doremi_without_observations_does_not_step():
-    ctx = make_ctx(ref_loss=np.ones(10))
+def test_doremi_without_observations_does_not_step(make_ctx):
+    ctx = make_ctx(**MIX, train={"ref_loss": np.ones(10)})
     mixer = MIXERS.build("doremi")
     np.testing.assert_allclose(mixer.proportions(ctx), np.full(3, 1 / 3))
     assert mixer.num_updates == 0
     assert mixer.final_weights(NAMES) == {n: 1 / 3 for n in NAMES}  # a run that never updated: uniform
 
 
-def test_doremi_writes_weights_the_static_mixer_reads(tmp_path):
-    ctx = make_ctx(ref_loss=np.ones(10))
+def test_doremi_writes_weights_the_static_mixer_reads(tmp_path, make_ctx):
+    ctx = make_ctx(**MIX, train={"ref_loss": np.ones(10)})
     mixer = MIXERS.build("doremi", {"reweight_eta": 1.0, "reweight_eps": 0.0})
     mixer.observe(np.array([0, 1, 2]), np.array([3.0, 1.0, 2.0]), np.array([0, 6, 9]), step=1)
     mixer.proportions(ctx)
@@ -161,28 +156,29 @@ def test_doremi_writes_weights_the_static_mixer_reads(tmp_path):
     np.testing.assert_allclose(static.proportions(ctx), e / e.sum())
 
 
-def test_doremi_state_round_trip_gives_identical_next_decision():
+def test_doremi_state_round_trip_gives_identical_next_decision(make_ctx):
     ref = np.linspace(0.5, 3.0, 10)
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 3, 6), rng.uniform(0, 4, 6), rng.integers(0, 10, 6)) for _ in range(5)]
     a = MIXERS.build("doremi", {"reweight_eta": 2.0})
     for i, (d, loss, r) in enumerate(batches[:2]):
         a.observe(d, loss, r, step=i)
-    a.proportions(make_ctx(ref_loss=ref))
+    a.proportions(make_ctx(**MIX, train={"ref_loss": ref}))
     a.observe(*batches[2], step=2)  # buffered at save time
     b = MIXERS.build("doremi", {"reweight_eta": 2.0})
     b.load_state_dict(a.state_dict())
     for m in (a, b):
         m.observe(*batches[3], step=3)
-    np.testing.assert_array_equal(a.proportions(make_ctx(ref_loss=ref)), b.proportions(make_ctx(ref_loss=ref)))
+    np.testing.assert_array_equal(a.proportions(make_ctx(**MIX, train={"ref_loss": ref})),
+                                  b.proportions(make_ctx(**MIX, train={"ref_loss": ref})))
     assert a.final_weights() == b.final_weights()
 
 
-def test_doremi_refuses_rows_beyond_ref_loss():
+def test_doremi_refuses_rows_beyond_ref_loss(make_ctx):
     mixer = MIXERS.build("doremi")
     mixer.observe(np.array([0]), np.array([1.0]), np.array([12]), step=1)
     with pytest.raises(FlexfeedError) as exc:
-        mixer.proportions(make_ctx(ref_loss=np.ones(10)))
+        mixer.proportions(make_ctx(**MIX, train={"ref_loss": np.ones(10)}))
     assert_hint(exc, "ref_loss", "loss stage")
     with pytest.raises(FlexfeedError) as exc:
         MIXERS.build("doremi", {"reweight_eps": 1.5})
@@ -212,7 +208,7 @@ def exp3_by_hand(batches, k, alpha, scale=1.0, fixed_draw=None):
     return out
 
 
-def test_odm_follows_exp3_and_credits_each_domain_its_own_samples():
+def test_odm_follows_exp3_and_credits_each_domain_its_own_samples(make_ctx):
     k, alpha = 3, 0.7
     # mixed batches: scripted losses, math is always hardest
     batches = [
@@ -224,7 +220,7 @@ def test_odm_follows_exp3_and_credits_each_domain_its_own_samples():
     ]
     expected = exp3_by_hand(batches, k, alpha)
     mixer = MIXERS.build("odm", {"alpha": alpha})
-    ctx = make_ctx()
+    ctx = make_ctx(**MIX)
     np.testing.assert_allclose(mixer.proportions(ctx), np.full(3, 1 / 3))  # pi_1 is uniform
     for t, (domains, losses) in enumerate(batches):
         mixer.observe(np.array(domains), np.array(losses), np.arange(len(domains)), step=t + 1)
@@ -241,16 +237,16 @@ def test_odm_follows_exp3_and_credits_each_domain_its_own_samples():
     assert expected[3][2] > expected[3][1] > expected[3][0]  # then the hardest domain gains share
 
 
-def test_odm_attribution_differs_from_whole_batch_credit():
+def test_odm_attribution_differs_from_whole_batch_credit(make_ctx):
     mixer = MIXERS.build("odm", {"alpha": 0.0})
-    ctx = make_ctx()
+    ctx = make_ctx(**MIX)
     mixer.proportions(ctx)
     mixer.observe(np.array([0, 2]), np.array([1.0, 9.0]), np.array([0, 9]), step=1)
     # alpha 0: R_hat = own mean / (1/3): code 3, math 27, prose (absent) 0
     np.testing.assert_allclose(mixer.r_hat, [3.0, 0.0, 27.0])
 
 
-def test_odm_replays_batches_seen_before_the_first_decision():
+def test_odm_replays_batches_seen_before_the_first_decision(make_ctx):
     # warmup batches: 5 code, 2 prose, 3 math samples -> the warmup mixture is estimated as 0.5, 0.2, 0.3
     batches = [([0, 1, 0], [2.0, 1.0, 3.0]), ([2, 2, 0], [3.0, 4.0, 1.0]), ([1, 0, 2, 0], [5.0, 2.0, 6.0, 1.0])]
     early = MIXERS.build("odm", {"reward_scale": 0.1})
@@ -258,17 +254,17 @@ def test_odm_replays_batches_seen_before_the_first_decision():
         early.observe(np.array(d), np.array(loss), np.zeros(len(d), int), step=t + 1)
     assert early.t == 0  # nothing is learned before K is known
     expected = exp3_by_hand(batches, 3, 0.9, scale=0.1, fixed_draw=[0.5, 0.2, 0.3])
-    np.testing.assert_allclose(early.proportions(make_ctx()), expected[-1], rtol=1e-12)
+    np.testing.assert_allclose(early.proportions(make_ctx(**MIX)), expected[-1], rtol=1e-12)
     # one EMA step per played arm, from 0: (1 - 0.9) * 0.1 * own mean / share; round 2 plays only math,
     # so code and prose keep their round-1 values (unplayed arms are not decayed)
     first = MIXERS.build("odm", {"reward_scale": 0.1})
     first.observe(np.array([0, 1, 0]), np.array([2.0, 1.0, 3.0]), np.zeros(3, int), step=1)
     first.observe(np.array([2]), np.array([1.0]), np.zeros(1, int), step=2)  # shares now 2/4, 1/4, 1/4
-    first.proportions(make_ctx())
+    first.proportions(make_ctx(**MIX))
     np.testing.assert_allclose(first.r_hat, [0.01 * 2.5 / 0.5, 0.01 * 1.0 / 0.25, 0.01 * 1.0 / 0.25])
 
 
-def test_odm_state_round_trip_gives_identical_next_decision():
+def test_odm_state_round_trip_gives_identical_next_decision(make_ctx):
     rng = np.random.default_rng(1)
     batches = [(rng.integers(0, 3, 5), rng.uniform(0, 5, 5)) for _ in range(6)]
     a = MIXERS.build("odm")
@@ -276,14 +272,14 @@ def test_odm_state_round_trip_gives_identical_next_decision():
     b = MIXERS.build("odm")
     b.load_state_dict(a.state_dict())
     for m in (a, b):
-        m.proportions(make_ctx())
+        m.proportions(make_ctx(**MIX))
         for t, (d, loss) in enumerate(batches[1:4]):
             m.observe(d, loss, np.zeros(5, int), step=t + 2)
     c = MIXERS.build("odm")
     c.load_state_dict(a.state_dict())
     for m in (a, b, c):
         m.observe(batches[4][0], batches[4][1], np.zeros(5, int), step=6)
-    pa, pb, pc = (m.proportions(make_ctx()) for m in (a, b, c))
+    pa, pb, pc = (m.proportions(make_ctx(**MIX)) for m in (a, b, c))
     np.testing.assert_array_equal(pa, pb)
     np.testing.assert_array_equal(pa, pc)
     with pytest.raises(FlexfeedError):
@@ -343,18 +339,16 @@ def test_mixer_in_the_scheduler_resumes_to_the_same_plans(name, args):
         assert props[-1]["math"] > props[-1]["code"]
 
 
-def test_doremi_keeps_the_last_excess_of_a_domain_that_got_no_rows():
+def test_doremi_keeps_the_last_excess_of_a_domain_that_got_no_rows(make_ctx):
     """A domain absent from a window must not read as 'no excess' (that would lock it out)."""
     import numpy as np
 
     from pipeline.strategies import MIXERS
-    from pipeline.strategies.context import DecisionContext, InMemorySignals
     from pipeline.strategies.mixers.doremi import doremi_step
 
     mixer = MIXERS.build("doremi", {"reweight_eta": 1.0, "reweight_eps": 0.0})
     ref = np.zeros(4)
-    ctx = DecisionContext(step=0, num_rows=4, domain_ids=np.array([0, 0, 1, 1]), domain_names=["x", "y"],
-                          rng=np.random.default_rng(0), signals=InMemorySignals({"ref_loss": ref}))
+    ctx = make_ctx(domain_ids=[0, 0, 1, 1], domain_names=["x", "y"], train={"ref_loss": ref})
     mixer.observe(np.array([0, 1]), np.array([1.0, 2.0]), np.array([0, 2]), step=0)
     a1 = mixer.proportions(ctx)
     np.testing.assert_allclose(a1, doremi_step(np.array([0.5, 0.5]), np.array([1.0, 2.0]), 1.0, 0.0))
@@ -367,15 +361,13 @@ def test_doremi_keeps_the_last_excess_of_a_domain_that_got_no_rows():
     np.testing.assert_array_equal(again.last_excess, mixer.last_excess)
 
 
-def test_odm_importance_weights_use_the_proportions_a_batch_was_drawn_with():
+def test_odm_importance_weights_use_the_proportions_a_batch_was_drawn_with(make_ctx):
     """The trainer tells the mixer which proportions drew each batch; ODM divides by those."""
     import numpy as np
 
     from pipeline.strategies import MIXERS
-    from pipeline.strategies.context import DecisionContext, InMemorySignals
 
-    ctx = DecisionContext(step=0, num_rows=4, domain_ids=np.array([0, 0, 1, 1]), domain_names=["x", "y"],
-                          rng=np.random.default_rng(0), signals=InMemorySignals())
+    ctx = make_ctx(domain_ids=[0, 0, 1, 1], domain_names=["x", "y"])
     a = MIXERS.build("odm", {"alpha": 0.5})
     b = MIXERS.build("odm", {"alpha": 0.5})
     a.proportions(ctx)

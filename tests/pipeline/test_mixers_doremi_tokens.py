@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.strategies import MIXERS, DecisionContext, InMemorySignals
+from pipeline.strategies import MIXERS
 
 CODE = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "for i in range(10):\n    print(i * i)\n",
         "class Point:\n    def __init__(self, x):\n        self.x = x\n", "while n > 0:\n    n = n - 1\n"]
@@ -60,7 +60,7 @@ def exact_step(alpha, excess):
 
 
 @pytest.mark.timeout(60)
-def test_per_sample_excess_against_exact_per_token_online_doremi():
+def test_per_sample_excess_against_exact_per_token_online_doremi(make_ctx):
     from demo.tiny import build_tiny_llama, train_tokenizer
 
     torch.manual_seed(0)
@@ -74,9 +74,7 @@ def test_per_sample_excess_against_exact_per_token_online_doremi():
     ref = copy.deepcopy(start)  # reference: a short run that saw code twice as often as prose
     train_steps(ref, torch.cat([a_rows, a_rows, b_rows]), 8, torch.optim.AdamW(ref.parameters(), lr=5e-3))
     ref_tok = token_losses(ref, x)
-    ctx = DecisionContext(step=0, num_rows=len(x), domain_ids=domains, domain_names=["code", "prose"],
-                          rng=np.random.default_rng(0),
-                          signals=InMemorySignals(train={"ref_loss": ref_tok.mean(axis=1)}))
+    ctx = make_ctx(domain_ids=domains, domain_names=["code", "prose"], train={"ref_loss": ref_tok.mean(axis=1)})
 
     proxy = copy.deepcopy(start)
     opt = torch.optim.AdamW(proxy.parameters(), lr=5e-3)

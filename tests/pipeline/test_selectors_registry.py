@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.strategies import SELECTORS, DecisionContext, InMemorySignals, Selection, Selector
+from pipeline.strategies import SELECTORS, Selection, Selector
 from store.errors import FlexfeedError
 
 
@@ -61,11 +61,10 @@ def test_bad_parameter_values_are_refused():
         SELECTORS.build("tsds", {"temperature": "hot"})
 
 
-def test_user_selector_by_import_path(monkeypatch):
+def test_user_selector_by_import_path(monkeypatch, make_ctx):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     sel = SELECTORS.build("tests.pipeline.test_selectors_registry:EveryOtherRow", {"offset": 1})
-    ctx = DecisionContext(step=0, num_rows=7, domain_ids=np.zeros(7, dtype=int), domain_names=["all"],
-                          rng=np.random.default_rng(0), signals=InMemorySignals())
+    ctx = make_ctx(7, domain_names=["all"])
     assert list(sel.select(ctx, 5).indices) == [1, 3, 5, 0, 2]
     with pytest.raises(FlexfeedError, match="did you mean 'offset'"):
         SELECTORS.build("tests.pipeline.test_selectors_registry:EveryOtherRow", {"ofset": 1})

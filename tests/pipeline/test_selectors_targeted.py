@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.strategies import SELECTORS, DecisionContext, InMemorySignals, SignalNeed
+from pipeline.strategies import SELECTORS, InMemorySignals, SignalNeed
 from pipeline.strategies.selectors.less import less_scores
 from pipeline.strategies.selectors.near import round_robin
 from pipeline.strategies.selectors.tsds import tsds_probabilities
@@ -16,12 +16,6 @@ from pipeline.strategies.selectors.tsds import tsds_probabilities
 def unit(x):
     x = np.asarray(x, dtype=np.float64)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def make_ctx(signals, num_rows, seed=0, target_tasks=None, num_domains=1):
-    return DecisionContext(step=10, num_rows=num_rows, domain_ids=np.arange(num_rows) % num_domains,
-                           domain_names=[f"d{i}" for i in range(num_domains)], rng=np.random.default_rng(seed),
-                           signals=signals, target_domain_ids=target_tasks)
 
 
 def grads_signals(train_variants, target_variants):
@@ -51,7 +45,7 @@ def less_by_hand(train_variants, target_variants, tasks, reduce="max"):
 
 # less --------------------------------------------------------------------------------------------
 
-def test_less_picks_the_rows_aligned_with_the_target():
+def test_less_picks_the_rows_aligned_with_the_target(make_ctx):
     rng = np.random.default_rng(0)
     d, n = 32, 120
     direction = unit(rng.normal(size=d))
@@ -61,13 +55,13 @@ def test_less_picks_the_rows_aligned_with_the_target():
     train[planted] = direction + 0.2 * rng.normal(size=(12, d))
     signals = InMemorySignals(train={"grads": train}, target={"grads_sgd": target})  # one variant
     sel = SELECTORS.build("less")
-    res = sel.select(make_ctx(signals, n), 12)
+    res = sel.select(make_ctx(n, signals=signals), 12)
     assert sorted(res.indices) == sorted(planted)
     np.testing.assert_allclose(res.scores, less_by_hand([(1.0, train)], [(1.0, target)], np.zeros(4)), atol=1e-5)
     assert sel.needs() == [SignalNeed("grads", "train"), SignalNeed("grads_sgd", "target")]
 
 
-def test_less_learning_rates_weight_the_checkpoints():
+def test_less_learning_rates_weight_the_checkpoints(make_ctx):
     rng = np.random.default_rng(1)
     d, n = 16, 30
     u, v = np.eye(d)[0], np.eye(d)[1]
@@ -78,12 +72,12 @@ def test_less_learning_rates_weight_the_checkpoints():
     for lrs, winner in (((2.0, 1.0), 0), ((1.0, 2.0), 1)):
         train = list(zip(lrs, (g1, g2)))
         target = list(zip(lrs, (t1, t2)))
-        res = SELECTORS.build("less").select(make_ctx(grads_signals(train, target), n), 1)
+        res = SELECTORS.build("less").select(make_ctx(n, signals=grads_signals(train, target)), 1)
         assert res.indices[0] == winner
         np.testing.assert_allclose(res.scores, less_by_hand(train, target, np.zeros(2)), atol=1e-5)
 
 
-def test_less_takes_the_max_over_tasks_of_per_task_means():
+def test_less_takes_the_max_over_tasks_of_per_task_means(make_ctx):
     d = 8
     u, v = np.eye(d)[0], np.eye(d)[1]
     # Task 0 has one target (u), task 1 three (v): pooling all targets would favour v-like rows.
@@ -91,20 +85,20 @@ def test_less_takes_the_max_over_tasks_of_per_task_means():
     tasks = np.array([0, 1, 1, 1])
     train = np.stack([u, unit(u + v), 0.2 * u + v, -u])
     signals = InMemorySignals(train={"grads": train}, target={"grads_sgd": target})
-    ctx = make_ctx(signals, 4, target_tasks=tasks)
+    ctx = make_ctx(4, signals=signals, target_domain_ids=tasks)
     res = SELECTORS.build("less").select(ctx, 4)
     by_hand = less_by_hand([(1.0, train)], [(1.0, target)], tasks)
     np.testing.assert_allclose(res.scores, by_hand, atol=1e-6)
     np.testing.assert_allclose(by_hand, [1.0, np.sqrt(0.5), 1 / np.sqrt(1.04), 0.0], atol=1e-6)
     assert list(res.indices) == [0, 2, 1, 3]
-    mean_scores = less_scores(make_ctx(signals, 4, target_tasks=tasks), task_reduce="mean")
+    mean_scores = less_scores(make_ctx(4, signals=signals, target_domain_ids=tasks), task_reduce="mean")
     np.testing.assert_allclose(mean_scores, less_by_hand([(1.0, train)], [(1.0, target)], tasks, "mean"), atol=1e-6)
 
 
-def test_less_ties_broken_by_row_id_and_ranking_repeats_beyond_n():
+def test_less_ties_broken_by_row_id_and_ranking_repeats_beyond_n(make_ctx):
     train = np.stack([np.eye(4)[1], np.eye(4)[0], np.eye(4)[0], np.eye(4)[2]])
     signals = InMemorySignals(train={"grads": train}, target={"grads_sgd": np.eye(4)[:1]})
-    res = SELECTORS.build("less").select(make_ctx(signals, 4), 6)
+    res = SELECTORS.build("less").select(make_ctx(4, signals=signals), 6)
     assert list(res.indices) == [1, 2, 0, 3, 1, 2]
 
 
@@ -138,34 +132,34 @@ def round_robin_by_hand(sims, count):
 
 
 @pytest.mark.parametrize("source", [InMemorySignals, FaissSignals])
-def test_near_returns_exact_neighbours_in_round_robin(source):
+def test_near_returns_exact_neighbours_in_round_robin(source, make_ctx):
     rng = np.random.default_rng(2)
     emb = unit(rng.normal(size=(200, 8))).astype(np.float32)
     targets = unit(rng.normal(size=(5, 8))).astype(np.float32)
     signals = source(train={"embed": emb}, target={"embed": targets})
     sims = targets.astype(np.float64) @ emb.T.astype(np.float64)
     for count in (5, 23, 120):
-        res = SELECTORS.build("near").select(make_ctx(signals, 200), count)
+        res = SELECTORS.build("near").select(make_ctx(200, signals=signals), count)
         assert list(res.indices) == round_robin_by_hand(sims, count)
 
 
-def test_near_score_order_is_best_similarity_to_any_target():
+def test_near_score_order_is_best_similarity_to_any_target(make_ctx):
     rng = np.random.default_rng(3)
     emb = unit(rng.normal(size=(150, 6))).astype(np.float32)
     targets = unit(rng.normal(size=(4, 6))).astype(np.float32)
     signals = InMemorySignals(train={"embed": emb}, target={"embed": targets})
     best = (targets @ emb.T).max(axis=0)
-    res = SELECTORS.build("near", {"order": "score"}).select(make_ctx(signals, 150), 40)
+    res = SELECTORS.build("near", {"order": "score"}).select(make_ctx(150, signals=signals), 40)
     assert list(res.indices) == list(np.argsort(-best, kind="stable")[:40])
 
 
-def test_near_union_of_neighbours_then_next_nearest():
+def test_near_union_of_neighbours_then_next_nearest(make_ctx):
     # Row 1 is the nearest row of both targets; rank 1 brings rows 2 (0.916) and 0 (0.888); rank 2 of
     # target 0 is row 3 (0.781) while target 1's (row 0) is already in, so the 4th row is row 3.
     emb = unit(np.array([[1, 0.2], [1, 1], [0.2, 1], [1, 0], [-1, 0], [0, -1]], dtype=float))
     targets = unit(np.array([[1, 0.8], [0.7, 1]]))
     signals = InMemorySignals(train={"embed": emb.astype(np.float32)}, target={"embed": targets.astype(np.float32)})
-    res = SELECTORS.build("near").select(make_ctx(signals, 6), 4)
+    res = SELECTORS.build("near").select(make_ctx(6, signals=signals), 4)
     assert list(res.indices) == [1, 2, 0, 3]
     assert list(res.indices) == round_robin_by_hand(targets @ emb.T, 4)
     rows, _ = round_robin(np.array([[0.9, 0.8]]), np.array([[3, -1]]))  # FAISS pads missing ids with -1
@@ -174,19 +168,19 @@ def test_near_union_of_neighbours_then_next_nearest():
 
 # tsds --------------------------------------------------------------------------------------------
 
-def test_tsds_probabilities_match_the_formula_on_a_hand_case():
+def test_tsds_probabilities_match_the_formula_on_a_hand_case(make_ctx):
     emb = unit(np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])).astype(np.float32)
     target = np.array([[1.0, 0.0]], dtype=np.float32)
     signals = InMemorySignals(train={"embed": emb}, target={"embed": target})
     params = SELECTORS.resolve("tsds").Params(num_neighbors=3, temperature=0.5, alpha=0.0)
-    prob = tsds_probabilities(make_ctx(signals, 4), params)
+    prob = tsds_probabilities(make_ctx(4, signals=signals), params)
     sims = np.array([1.0, 0.8, 0.0])
     want = np.exp(sims / 0.5) / np.exp(sims / 0.5).sum()
     np.testing.assert_allclose(prob, [*want, 0.0], rtol=1e-5)
     # With the density term each row's mass is divided by its Gaussian KDE over its 2 nearest rows.
     params = SELECTORS.resolve("tsds").Params(num_neighbors=3, temperature=0.5, alpha=1.0, kde_neighbors=2,
                                                kde_bandwidth=0.5)
-    prob = tsds_probabilities(make_ctx(signals, 4), params)
+    prob = tsds_probabilities(make_ctx(4, signals=signals), params)
     gram = emb.astype(np.float64) @ emb.T
     second = np.sort(gram, axis=1)[:, -2]
     density = 1 + np.exp(-(2 - 2 * second) / (2 * 0.25))
@@ -194,7 +188,7 @@ def test_tsds_probabilities_match_the_formula_on_a_hand_case():
     np.testing.assert_allclose(prob, mass / mass.sum(), rtol=1e-5)
 
 
-def test_tsds_prefers_target_like_rows_and_spreads_over_duplicates():
+def test_tsds_prefers_target_like_rows_and_spreads_over_duplicates(make_ctx):
     rng = np.random.default_rng(4)
     d = 16
     centre = unit(rng.normal(size=d))
@@ -211,7 +205,7 @@ def test_tsds_prefers_target_like_rows_and_spreads_over_duplicates():
                                        "temperature": 0.1})
         dups, near = [], []
         for seed in range(20):
-            idx = sel.select(make_ctx(signals, n, seed=seed), 20).indices
+            idx = sel.select(make_ctx(n, signals=signals, seed=seed), 20).indices
             assert len(np.unique(idx)) == 20
             dups.append(np.sum(idx < 20))
             near.append(np.sum(idx < 60))
@@ -228,7 +222,7 @@ def three_clusters(rng, per=40, d=8):
     return emb, np.repeat(np.arange(3), per)
 
 
-def test_cluster_favours_the_cluster_whose_gradients_align_with_the_target():
+def test_cluster_favours_the_cluster_whose_gradients_align_with_the_target(make_ctx):
     rng = np.random.default_rng(5)
     emb, truth = three_clusters(rng)
     n, d = emb.shape[0], 16
@@ -239,7 +233,7 @@ def test_cluster_favours_the_cluster_whose_gradients_align_with_the_target():
         ("grads", "train"): [({"lr": 1e-5}, grads)],
         ("grads_sgd", "target"): [({"lr": 1e-5}, target_dir + 0.05 * rng.normal(size=(3, d)))]})
     sel = SELECTORS.build("cluster", {"num_clusters": 3, "temperature": 0.5})
-    res = sel.select(make_ctx(signals, n, seed=1), 30)
+    res = sel.select(make_ctx(n, signals=signals, seed=1), 30)
     share = np.bincount(truth[res.indices], minlength=3) / 30
     assert share[1] > 0.8, share
     # k-means recovered the planted clusters: each true cluster has one label.
@@ -248,29 +242,29 @@ def test_cluster_favours_the_cluster_whose_gradients_align_with_the_target():
     assert [s.name for s in sel.needs()] == ["embed", "grads", "grads_sgd"]
 
 
-def test_cluster_with_loss_scores_and_state_round_trip():
+def test_cluster_with_loss_scores_and_state_round_trip(make_ctx):
     rng = np.random.default_rng(6)
     emb, truth = three_clusters(rng)
     loss = np.where(truth == 2, 4.0, 1.0) + 0.1 * rng.random(len(truth))
     signals = InMemorySignals(train={"embed": emb, "loss": loss})
     sel = SELECTORS.build("cluster", {"num_clusters": 3, "score": "loss", "temperature": 0.5})
     assert [s.name for s in sel.needs()] == ["embed", "loss"]
-    res = sel.select(make_ctx(signals, len(truth), seed=2), 30)
+    res = sel.select(make_ctx(len(truth), signals=signals, seed=2), 30)
     assert np.mean(truth[res.indices] == 2) > 0.8
     again = SELECTORS.build("cluster", {"num_clusters": 3, "score": "loss", "temperature": 0.5})
     again.load_state_dict(sel.state_dict())
     np.testing.assert_array_equal(again.assignment, sel.assignment)
-    np.testing.assert_array_equal(again.select(make_ctx(signals, len(truth), seed=3), 30).indices,
-                                  sel.select(make_ctx(signals, len(truth), seed=3), 30).indices)
+    np.testing.assert_array_equal(again.select(make_ctx(len(truth), signals=signals, seed=3), 30).indices,
+                                  sel.select(make_ctx(len(truth), signals=signals, seed=3), 30).indices)
     # Beyond a cluster's size the draw moves on to the next clusters instead of repeating rows.
-    wide = sel.select(make_ctx(signals, len(truth), seed=4), 100)
+    wide = sel.select(make_ctx(len(truth), signals=signals, seed=4), 100)
     assert len(np.unique(wide.indices)) == 100
 
 
 # determinism -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["less", "near", "tsds", "cluster"])
-def test_same_seed_same_selection(name):
+def test_same_seed_same_selection(name, make_ctx):
     rng = np.random.default_rng(7)
     emb = unit(rng.normal(size=(90, 8))).astype(np.float32)
     signals = InMemorySignals(train={"embed": emb, "grads": rng.normal(size=(90, 12))},
@@ -278,9 +272,10 @@ def test_same_seed_same_selection(name):
 
     def run(seed):
         sel = SELECTORS.build(name, {"num_clusters": 4} if name == "cluster" else {})
-        return np.concatenate([sel.select(make_ctx(signals, 90, seed=seed + i), 20).indices for i in range(2)])
+        return np.concatenate([sel.select(make_ctx(90, signals=signals, seed=seed + i), 20).indices
+                               for i in range(2)])
 
     np.testing.assert_array_equal(run(0), run(0))
     sel = SELECTORS.build(name, {"num_clusters": 4} if name == "cluster" else {})
-    info = sel.select(make_ctx(signals, 90), 20).info
+    info = sel.select(make_ctx(90, signals=signals), 20).info
     assert json.loads(json.dumps(info))["num_selected"] == 20 and "score_mean" in info

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.strategies import WEIGHTERS, DecisionContext, InMemorySignals
+from pipeline.strategies import WEIGHTERS
 from store.errors import FlexfeedError
 
 LOSSES = np.array([1.0, 2.0, 4.0, 5.0])
@@ -65,26 +65,19 @@ def test_loss_weights_equal_losses_and_bad_params():
     assert "loss" in exc.value.hint
 
 
-def adapt_ctx(train, target):
-    train = np.asarray(train, dtype=np.float64)
-    return DecisionContext(step=5, num_rows=len(train), domain_ids=np.zeros(len(train), int), domain_names=["a"],
-                           rng=np.random.default_rng(0),
-                           signals=InMemorySignals(train={"embed": train}, target={"embed": np.asarray(target)}))
-
-
 TRAIN = [[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [-1.0, 0.0]]
 TARGET = [[2.0, 0.0], [0.0, 1.0]]
 
 
 @pytest.mark.parametrize("anchor", ["mean", "max"])
-def test_adapt_weights_follow_the_formula(anchor):
+def test_adapt_weights_follow_the_formula(anchor, make_ctx):
     tau = 0.5
     weighter = WEIGHTERS.build("adapt", {"tau": tau, "anchor": anchor})
     assert [(n.name, n.split, n.refresh) for n in weighter.needs()] == [("embed", "train", False),
                                                                          ("embed", "target", False)]
     rows = np.array([2, 0, 3, 0])
     np.testing.assert_array_equal(weighter.weights(None, rows, None, 1), np.ones(4))  # before any update
-    weighter.update(adapt_ctx(TRAIN, TARGET))
+    weighter.update(make_ctx(len(TRAIN), train={"embed": TRAIN}, target={"embed": TARGET}))
     # cosines of rows 0, 2, 3 with the unit anchors (1, 0) and (0, 1)
     s = math.sqrt(0.5)
     cos = {0: (1.0, 0.0), 2: (s, s), 3: (-1.0, 0.0)}
@@ -107,9 +100,9 @@ def test_adapt_max_in_chunks_equals_direct(monkeypatch):
     np.testing.assert_allclose(chunked, (unit(train) @ unit(target).T).max(axis=1))
 
 
-def test_adapt_state_round_trip_and_errors():
+def test_adapt_state_round_trip_and_errors(make_ctx):
     a = WEIGHTERS.build("adapt")
-    a.update(adapt_ctx(TRAIN, TARGET))
+    a.update(make_ctx(len(TRAIN), train={"embed": TRAIN}, target={"embed": TARGET}))
     b = WEIGHTERS.build("adapt")
     b.load_state_dict(a.state_dict())
     rows = np.array([1, 2, 3])
@@ -118,7 +111,8 @@ def test_adapt_state_round_trip_and_errors():
         a.weights(None, np.array([9]), None, 3)
     assert exc.value.hint
     with pytest.raises(FlexfeedError) as exc:
-        WEIGHTERS.build("adapt").update(adapt_ctx(TRAIN, [[1.0, 0.0, 0.0]]))
+        other_model = {"embed": [[1.0, 0.0, 0.0]]}  # three dims where the train features have two
+        WEIGHTERS.build("adapt").update(make_ctx(len(TRAIN), train={"embed": TRAIN}, target=other_model))
     assert "same model" in exc.value.hint
     with pytest.raises(FlexfeedError) as exc:
         WEIGHTERS.build("adapt", {"anchor": "min"})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.strategies import SELECTORS, DecisionContext, InMemorySignals
+from pipeline.strategies import SELECTORS
 from stages.args import GradsArgs, ModelArgs
 from stages.base import bind_live_model
 from stages.grads.nice import NiceTargetStage, row_seed, split_row
@@ -173,14 +173,7 @@ def test_custom_reward_gets_prompt_completion_and_reference_without_eos(stage):
 
 # selector ----------------------------------------------------------------------------------------
 
-def _ctx(train, target_nice, target_sgd, task_ids=None) -> DecisionContext:
-    n = len(train)
-    sig = InMemorySignals(train={"grads": train}, target={"grads_nice": target_nice, "grads_sgd": target_sgd})
-    return DecisionContext(step=4, num_rows=n, domain_ids=np.arange(n) % 2, domain_names=["a", "b"],
-                           rng=np.random.default_rng(0), signals=sig, target_domain_ids=task_ids)
-
-
-def test_selector_picks_rows_aligned_with_the_policy_gradient_target():
+def test_selector_picks_rows_aligned_with_the_policy_gradient_target(make_ctx):
     sel = SELECTORS.build("nice")
     assert [(nd.name, nd.split) for nd in sel.needs()] == [("grads", "train"), ("grads_nice", "target")]
     e = np.eye(4, dtype=np.float32)
@@ -188,7 +181,9 @@ def test_selector_picks_rows_aligned_with_the_policy_gradient_target():
     nice_target = np.stack([e[0], e[0] + 0.2 * e[3], e[2]])
     sgd_target = np.stack([e[1], e[1], e[1]])  # LESS's targets point elsewhere: nice must not read them
     tasks = np.array([0, 0, 1])
-    out = sel.select(_ctx(train, nice_target, sgd_target, tasks), 2)
+    ctx = make_ctx(len(train), train={"grads": train}, target={"grads_nice": nice_target, "grads_sgd": sgd_target},
+                   domain_names=["a", "b"], target_domain_ids=tasks)
+    out = sel.select(ctx, 2)
     assert sorted(out.indices.tolist()) == [1, 3]
     # independent score: mean cosine within each task, max over tasks
     unit = train / np.linalg.norm(train, axis=1, keepdims=True)
@@ -197,8 +192,7 @@ def test_selector_picks_rows_aligned_with_the_policy_gradient_target():
     np.testing.assert_allclose(out.scores, expected, atol=1e-6)
     assert out.info["score_max"] == pytest.approx(expected.max(), abs=1e-6)
     with pytest.raises(FlexfeedError, match="grads_nice"):
-        sel.select(DecisionContext(step=0, num_rows=6, domain_ids=np.zeros(6, int), domain_names=["a"],
-                                   rng=np.random.default_rng(0), signals=InMemorySignals(train={"grads": train})), 2)
+        sel.select(make_ctx(6, train={"grads": train}, domain_names=["a"]), 2)
 
 
 # end to end --------------------------------------------------------------------------------------
