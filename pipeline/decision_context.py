@@ -1,6 +1,6 @@
 """What a decision sees during training: the run's signals made ready at the live training state.
 
-`DecisionContexts` is built with the run (config, data, strategy, signal routes) and bound to the
+`DecisionContexts` is built with the run (config, data, signal routes) and bound to the
 Trainer once it exists; the scheduler calls it at each decision. It owns what only a live Trainer
 has: the unwrapped model, the optimizer (Adam moments, learning rate), the ranks, ZeRO-3 gathering.
 """
@@ -18,7 +18,7 @@ from .live_state import live_adam_state, live_lr
 from .plan import rng_for
 from .prepared import Prepared
 from .refresh import Refresher, SignalRoute, StoreSignals, ValueCache
-from .strategies import DecisionContext, Strategy
+from .strategies import DecisionContext
 
 
 def new_run_id() -> str:
@@ -41,11 +41,10 @@ def new_run_id() -> str:
 class DecisionContexts:
     """Makes the DecisionContext of each decision; `bind` it to the Trainer and scheduler before training."""
 
-    def __init__(self, cfg: RunConfig, prepared: Prepared, strategy: Strategy, routes: dict[tuple, SignalRoute],
+    def __init__(self, cfg: RunConfig, prepared: Prepared, routes: dict[tuple, SignalRoute],
                  *, seed: int, init_proportions: np.ndarray):
         self.cfg = cfg
         self.p = prepared
-        self.strategy = strategy
         self.routes = routes
         self.seed = seed
         self.init_proportions = init_proportions
@@ -68,7 +67,8 @@ class DecisionContexts:
         source = StoreSignals(self.cfg, self.p, step, self.routes, self._refresher(), cache=self.cache,
                               rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
                               live_lr=lambda: live_lr(self.trainer))
-        source.prepare(self.strategy.needs())
+        # signals are made ready when a stage first reads them: only the stages that fire pay, and one
+        # refresh serves every stage of the decision that reads the same signal
         return DecisionContext(step=step, num_rows=len(self.p.train), domain_ids=self.domain_ids,
                                domain_names=self.p.train.domain_names, rng=rng_for(self.seed, 99, window),
                                signals=source, target_domain_ids=self.target_domain_ids, log=source.log,

@@ -1,33 +1,96 @@
-"""Turns strategy decisions into the plan of each window, and keeps what resuming needs."""
+"""The data plan of a run: a chain of stages turned into the row ids of each window, and what resuming needs.
+
+Index-space stages run in the fixed order select -> mix -> reorder: a `select` stage in `filter` mode
+shrinks the pool of rows the later stages see; exactly one stage takes the window's budget (a `select`
+in `draw` mode, a `mix`, or a `reorder` with no budget stage before it, which then orders the pool over
+the rest of the run), else rows are drawn uniformly from the pool; a `reorder` after the budget stage
+orders each window's rows. Loss-space stages (`weight`) multiply their per-sample weights in the
+trainer. A stage fires at a decision window once `warmup_step` is reached and `every` steps have
+passed since it last fired; the others reuse what they decided last. A one-family `train_type` is a
+one-stage plan with the same decisions and batches as before plans existed (tested).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from store.errors import FlexfeedError
 
 from .config.groups import TRAIN_TYPES
-from .plan import Windows, draw_by_proportions, permutation_slice
+from .plan import Windows, draw_by_proportions, permutation_slice, rng_for
 from .strategies import DecisionContext, Strategy
+from .strategies.pool_view import pool_context
+from .strategies.reorders.stream import CurriculumStream
 
 KINDS = TRAIN_TYPES  # one list, defined with the config's train_type
+INDEX_ORDER = ("select", "mix", "reorder")
+
+
+@dataclass
+class PlanStage:
+    """One stage of the data plan: a family's strategy and when it fires."""
+
+    family: str
+    strategy: Strategy
+    warmup_step: int = 0
+    """No decision before this step (weights apply from it)."""
+    every: int = 1
+    """Steps between two firings (at the decision windows)."""
+    mode: str = "draw"
+    """select only: `draw` takes the window's budget, `filter` keeps `keep_ratio` of the pool."""
+    keep_ratio: float = 1.0
+    last_step: int | None = None
+
+    def due(self, step: int) -> bool:
+        """Fires at a decision window starting at `step`."""
+        return step >= self.warmup_step and (self.last_step is None or step - self.last_step >= self.every)
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}:{self.strategy.name}" + (f"({self.mode})" if self.family == "select" else "")
+
+
+def check_stages(stages: list[PlanStage]) -> PlanStage | None:
+    """Refuse a plan out of order or with two budget stages; returns the budget stage (None: uniform draw)."""
+    index = [s for s in stages if s.family in INDEX_ORDER]
+    ranks = [INDEX_ORDER.index(s.family) for s in index]
+    if ranks != sorted(ranks):
+        raise FlexfeedError(f"data plan stages {[s.label for s in index]} are out of order",
+                            "write index-space stages in the order select -> mix -> reorder (weight stages anywhere)")
+    takers = [s for s in index if (s.family == "select" and s.mode == "draw") or s.family == "mix"]
+    if len(takers) > 1:
+        raise FlexfeedError(f"two stages take the window's budget: {[s.label for s in takers]}",
+                            "keep one `select` in mode draw or one `mix`; make the other selects mode: filter")
+    reorders = [s for s in index if s.family == "reorder"]
+    if len(reorders) > 1:
+        raise FlexfeedError(f"{len(reorders)} reorder stages in one plan", "keep one reorder stage")
+    if not takers and reorders:
+        return reorders[0]
+    return takers[0] if takers else None
 
 
 class Scheduler:
     """Owns the plans (row ids per window) of a run; decisions happen when a window is first needed."""
 
-    def __init__(self, *, kind: str, strategy: Strategy | None, windows: Windows, domain_ids: np.ndarray,
+    def __init__(self, *, kind: str, strategy: Strategy | None = None, windows: Windows, domain_ids: np.ndarray,
                  domain_names: list[str], seed: int,
                  make_context: Callable[[int, int], DecisionContext] | None = None,
                  init_proportions: np.ndarray | None = None,
-                 on_decision: Callable[[dict], None] | None = None, run_id: str = ""):
+                 on_decision: Callable[[dict], None] | None = None, run_id: str = "",
+                 stages: list[PlanStage] | None = None):
         if kind not in KINDS:
             raise FlexfeedError(f"unknown train_type {kind!r}", f"use one of {', '.join(KINDS)}")
+        if stages is None:  # a one-family train_type: one stage firing at every decision
+            stages = [] if kind == "static" or strategy is None else [
+                PlanStage(kind, strategy, warmup_step=0, every=1)]
         self.kind = kind
-        self.strategy = strategy
+        self.stages = stages
+        self.budget = check_stages(stages)
+        self.strategy = stages[0].strategy if len(stages) == 1 else strategy
         self.windows = windows
         self.domain_ids = np.asarray(domain_ids, dtype=np.int64)
         self.domain_names = list(domain_names)
@@ -35,7 +98,6 @@ class Scheduler:
         self.seed = int(seed)
         self.make_context = make_context
         self.on_decision = on_decision
-        self.domain_rows = [np.flatnonzero(self.domain_ids == k) for k in range(len(self.domain_names))]
         k = len(self.domain_names)
         if init_proportions is None:
             init_proportions = np.full(k, 1.0 / k)
@@ -44,8 +106,12 @@ class Scheduler:
         self.run_id = run_id  # keys the run's refreshed signals; a resumed run keeps its own
         self.plans: dict[int, np.ndarray] = {}
         self.cursors = np.zeros(k, dtype=np.int64)
+        self.pool: np.ndarray | None = None
+        self.kept: dict[int, np.ndarray] = {}  # per filter stage (plan position): the rows it kept when it last fired
         self.last_selection: np.ndarray | None = None
         self.last_proportions = self.init_proportions.copy()
+        self.order_scores: np.ndarray | None = None  # a window reorder's last scores (all rows)
+        self.stream = CurriculumStream(windows.max_steps * windows.global_batch)
         self.decisions: list[dict] = []
 
     # -- the stream -----------------------------------------------------------
@@ -58,46 +124,28 @@ class Scheduler:
     def _offset(self, w: int) -> int:
         return self.windows.start_step(w) * self.windows.global_batch
 
-    def _uniform(self, w: int) -> np.ndarray:
-        return permutation_slice(self.num_rows, self.seed, self._offset(w), self.windows.num_samples(w))
+    def stages_of(self, family: str) -> list[PlanStage]:
+        return [s for s in self.stages if s.family == family]
 
     def _make_plan(self, w: int) -> np.ndarray:
         n = self.windows.num_samples(w)
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        decide = self.windows.is_decision(w) and self.kind != "static"
-        record = {"window": w, "step": self.windows.start_step(w), "kind": self.kind, "decision": decide}
+        step = self.windows.start_step(w)
+        firing = [s for s in self.stages if self.windows.is_decision(w) and s.due(step)] if self.stages else []
+        record = {"window": w, "step": step, "kind": self.kind, "decision": bool(firing)}
         t0 = time.perf_counter()
-        ctx = None
-        if decide:
-            ctx = self.make_context(self.windows.start_step(w), w)
-        if self.kind in ("static", "weight"):
-            if decide:
-                self.strategy.update(ctx)
-            plan = self._uniform(w)
-        elif self.kind == "mix":
-            if decide:
-                p = self.strategy.proportions(ctx)
-                self.last_proportions = _check_proportions(np.asarray(p, dtype=np.float64), len(self.domain_names),
-                                                           f"mixer {self.strategy.name!r}")
-            plan, self.cursors = draw_by_proportions(self.last_proportions, n, self.domain_rows, self.cursors,
-                                                     self.seed, w)
-            record["proportions"] = dict(zip(self.domain_names, map(float, self.last_proportions), strict=True))
-        else:  # select
-            if decide:
-                sel = self.strategy.select(ctx, n)
-                idx = np.asarray(sel.indices, dtype=np.int64).reshape(-1)
-                if idx.size == 0 or idx.min() < 0 or idx.max() >= self.num_rows:
-                    raise FlexfeedError(f"selector {self.strategy.name!r} returned row ids outside 0..{self.num_rows - 1}"
-                                        f" or none at all", "fix the selector's select()")
-                self.last_selection = idx
-                record["info"] = _jsonable(sel.info)
-            if self.last_selection is None:  # warm-up window: uniform
-                plan = self._uniform(w)
-            else:
-                pool = self.last_selection
-                local = permutation_slice(len(pool), self.seed, 0 if decide else self._offset(w), n, stream=500 + w)
-                plan = pool[local]
+        ctx = self.make_context(step, w) if firing else None
+        pool_changed = self._filter(ctx, firing, record)
+        plan = self._budget(ctx, firing, w, n, pool_changed, record)
+        plan = self._window_order(ctx, firing, w, plan)
+        for stage in self.stages_of("weight"):
+            if stage in firing:
+                stage.strategy.update(ctx)
+        for stage in firing:
+            stage.last_step = step
+        if len(self.stages) > 1:
+            record["stages"] = [{"stage": s.label, "fired": s in firing} for s in self.stages]
         counts = np.bincount(self.domain_ids[plan], minlength=len(self.domain_names))
         record["per_domain"] = dict(zip(self.domain_names, map(int, counts), strict=True))
         record["seconds"] = round(time.perf_counter() - t0, 4)
@@ -108,6 +156,83 @@ class Scheduler:
             self.on_decision(record)
         return plan
 
+    def _filter(self, ctx, firing: list[PlanStage], record: dict) -> bool:
+        """The pool: every row, narrowed by each filter stage in order (re-selected when it fires, from what
+        the filters before it kept); True when it changed."""
+        if not any(s.mode == "filter" and s in firing for s in self.stages_of("select")):
+            return False
+        pool = None
+        for i, stage in enumerate(self.stages):
+            if stage.family != "select" or stage.mode != "filter":
+                continue
+            base = pool if pool is not None else np.arange(self.num_rows)
+            if stage in firing:
+                keep = max(1, int(round(stage.keep_ratio * base.size)))
+                sel = stage.strategy.select(pool_context(ctx, pool), keep)
+                self.kept[i] = np.unique(base[_check_rows(sel.indices, base.size, stage.strategy.name)])
+                record.setdefault("filter", []).append({"stage": stage.label, "pool": int(self.kept[i].size),
+                                                        "info": _jsonable(sel.info)})
+            if i in self.kept:
+                pool = np.intersect1d(base, self.kept[i])
+        changed = self.pool is None or pool is None or not np.array_equal(pool, self.pool)
+        self.pool = pool
+        return changed
+
+    def _budget(self, ctx, firing: list[PlanStage], w: int, n: int, pool_changed: bool, record: dict) -> np.ndarray:
+        budget = self.budget
+        if budget is None:
+            return self._budget_uniform(w, n)
+        if budget.family == "mix":
+            if budget in firing:
+                p = budget.strategy.proportions(ctx)
+                self.last_proportions = _check_proportions(np.asarray(p, dtype=np.float64), len(self.domain_names),
+                                                           f"mixer {budget.strategy.name!r}")
+            plan, self.cursors = draw_by_proportions(self.last_proportions, n, self._domain_rows(), self.cursors,
+                                                     self.seed, w)
+            record["proportions"] = dict(zip(self.domain_names, map(float, self.last_proportions), strict=True))
+            return plan
+        if budget.family == "reorder":
+            if ctx is not None and (budget in firing or pool_changed):
+                rows = self.pool if self.pool is not None else np.arange(self.num_rows)
+                self.stream.refill(self._offset(w), rows, lambda r: budget.strategy.scores(ctx, r),
+                                   budget.strategy.order, self.seed)
+                record["reorder"] = {"stage": budget.label, "rows": int(rows.size), "from_sample": self._offset(w)}
+            if not self.stream.ready:  # before the reorder first fires: uniform, as a warm-up
+                return self._budget_uniform(w, n)
+            return self.stream.slice(self._offset(w), n)
+        # select in draw mode
+        decide = budget in firing
+        if decide:
+            sel = budget.strategy.select(pool_context(ctx, self.pool), n)
+            base = self.pool if self.pool is not None else np.arange(self.num_rows)
+            self.last_selection = base[_check_rows(sel.indices, base.size, budget.strategy.name)]
+            record["info"] = _jsonable(sel.info)
+        if self.last_selection is None:  # warm-up window: uniform
+            return self._budget_uniform(w, n)
+        pool = self.last_selection
+        local = permutation_slice(len(pool), self.seed, 0 if decide else self._offset(w), n, stream=500 + w)
+        return pool[local]
+
+    def _budget_uniform(self, w: int, n: int) -> np.ndarray:
+        if self.pool is None:
+            return permutation_slice(self.num_rows, self.seed, self._offset(w), n)
+        return self.pool[permutation_slice(self.pool.size, self.seed, self._offset(w), n, stream=300)]
+
+    def _domain_rows(self) -> list[np.ndarray]:
+        rows = np.arange(self.num_rows) if self.pool is None else self.pool
+        return [rows[self.domain_ids[rows] == k] for k in range(len(self.domain_names))]
+
+    def _window_order(self, ctx, firing: list[PlanStage], w: int, plan: np.ndarray) -> np.ndarray:
+        """A reorder after the budget stage orders the window's rows by its latest scores."""
+        stage = next((s for s in self.stages_of("reorder") if s is not self.budget), None)
+        if stage is None:
+            return plan
+        if stage in firing:
+            self.order_scores = np.asarray(stage.strategy.scores(ctx, np.arange(self.num_rows)), dtype=np.float64)
+        if self.order_scores is None:
+            return plan
+        return stage.strategy.order(plan, self.order_scores[plan], int(rng_for(self.seed, 600, w).integers(2**31)))
+
     def proportions_of_window(self, w: int) -> np.ndarray | None:
         """The proportions window w was drawn with (mix runs), or None when not recorded."""
         for record in reversed(self.decisions):
@@ -117,13 +242,20 @@ class Scheduler:
 
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        state = {
             "plans": {str(w): p for w, p in self.plans.items()},
             "cursors": self.cursors, "last_selection": self.last_selection,
             "last_proportions": self.last_proportions, "decisions": self.decisions,
             "strategy": self.strategy.state_dict() if self.strategy is not None else {},
             "run_id": self.run_id,
         }
+        if len(self.stages) > 1 or self.kept or self.stream.ready or self.order_scores is not None:
+            state["stages"] = [{"strategy": s.strategy.state_dict(), "last_step": s.last_step} for s in self.stages]
+            state["pool"] = self.pool
+            state["kept"] = {str(i): rows for i, rows in self.kept.items()}
+            state["order_scores"] = self.order_scores
+            state["stream"] = self.stream.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.plans = {int(w): np.asarray(p, dtype=np.int64) for w, p in state["plans"].items()}
@@ -133,8 +265,30 @@ class Scheduler:
         self.last_proportions = np.asarray(state["last_proportions"], dtype=np.float64)
         self.decisions = list(state.get("decisions", []))
         self.run_id = str(state.get("run_id") or self.run_id)
-        if self.strategy is not None:
+        if "stages" in state:
+            for stage, saved in zip(self.stages, state["stages"], strict=True):
+                stage.strategy.load_state_dict(saved.get("strategy", {}))
+                stage.last_step = saved.get("last_step")
+            pool, scores = state.get("pool"), state.get("order_scores")
+            self.pool = None if pool is None else np.asarray(pool, dtype=np.int64)
+            self.kept = {int(i): np.asarray(r, dtype=np.int64) for i, r in (state.get("kept") or {}).items()}
+            self.order_scores = None if scores is None else np.asarray(scores, dtype=np.float64)
+            self.stream.load_state_dict(state.get("stream") or {})
+        elif self.strategy is not None:
             self.strategy.load_state_dict(state.get("strategy", {}))
+        if "stages" not in state:
+            # one-stage runs saved before plans had per-stage state: the stage last fired at its last decision
+            decided = [d["step"] for d in self.decisions if d.get("decision")]
+            for stage in self.stages:
+                stage.last_step = decided[-1] if decided else None
+
+
+def _check_rows(indices, num_rows: int, who: str) -> np.ndarray:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= num_rows:
+        raise FlexfeedError(f"selector {who!r} returned row ids outside 0..{num_rows - 1} or none at all",
+                            "fix the selector's select()")
+    return idx
 
 
 def _check_proportions(p: np.ndarray, k: int, who: str) -> np.ndarray:
@@ -154,4 +308,3 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
-

@@ -30,9 +30,9 @@ from .run_files import (
     rank_file,
     write_jsonl,
 )
-from .scheduler import Scheduler
+from .scheduler import PlanStage, Scheduler
 from .state_io import load_state, save_state
-from .strategies import Strategy, registry_for
+from .strategies import SignalNeed, Strategy, registry_for
 from .trainer import FlexfeedCallback, FlexfeedTrainer, FlexRun
 
 
@@ -109,27 +109,62 @@ def step_budget(args, num_rows: int) -> int:
     return max(1, math.ceil(args.num_train_epochs * num_rows / global_batch_of(args)))
 
 
-def build_flex_run(cfg: RunConfig, args, p: Prepared, strategy: Strategy | None) -> tuple[FlexRun, DecisionContexts | None]:
-    """The run's scheduler (windows, plans) and the decision contexts it will call, before any training.
+def build_stages(cfg: RunConfig, seed: int, num_rows: int) -> list[PlanStage]:
+    """The data plan's stages: the `plan:` list, or one stage for a one-family train_type."""
+    kind = cfg.flex.train_type
+    if kind == "static":
+        return []
+    if kind != "plan":
+        return [PlanStage(kind, build_strategy(cfg, seed), warmup_step=0, every=1)]
+    stages = []
+    for s in cfg.flex.plan:
+        if not s.enabled:
+            continue
+        strategy = registry_for(s.family).build(s.component, s.component_args, seed=seed)
+        stages.append(PlanStage(s.family, strategy, mode=s.mode, keep_ratio=s.keep_ratio,
+                                warmup_step=cfg.flex.warmup_step if s.warmup_step is None else s.warmup_step,
+                                every=cfg.flex.update_step if s.every is None else s.every))
+    for stage in stages:
+        if hasattr(stage.strategy, "check"):
+            stage.strategy.check(num_rows)  # e.g. a reorder's score file: length and values, before training
+    return stages
 
-    Where each signal the strategy reads comes from (live or offline) is planned here, so every error
-    the config implies is raised before the first step.
+
+def plan_needs(stages: list[PlanStage]) -> list[SignalNeed]:
+    """Every signal the plan's stages read, one need per (signal, split): read once per decision, shared."""
+    merged: dict[tuple[str, str], SignalNeed] = {}
+    for stage in stages:
+        for need in stage.strategy.needs():
+            key = (need.name, need.split)
+            old = merged.get(key)
+            if old is not None:
+                need = SignalNeed(need.name, need.split, refresh=need.refresh or old.refresh,
+                                  live=need.live or old.live, rows="all" if "all" in (need.rows, old.rows) else "probe")
+            merged[key] = need
+    return list(merged.values())
+
+
+def build_flex_run(cfg: RunConfig, args, p: Prepared) -> tuple[FlexRun, DecisionContexts | None]:
+    """The run's data plan (stages, windows) and the decision contexts it will call, before any training.
+
+    Where each signal the stages read comes from (live or offline) is planned here, so every error the
+    config implies is raised before the first step.
     """
     kind = cfg.flex.train_type
-    if strategy is None:
+    stages = build_stages(cfg, args.seed, len(p.train))
+    if not stages:
         return FlexRun(kind), None
-    routes = plan_routes(cfg, strategy.needs(), str(cfg.flex.component))
+    component = ", ".join(f"{s.family}:{s.strategy.name}" for s in stages) if kind == "plan" else str(cfg.flex.component)
+    routes = plan_routes(cfg, plan_needs(stages), component)
     windows = Windows(global_batch=global_batch_of(args), max_steps=args.max_steps, warmup_step=cfg.flex.warmup_step,
                       update_step=cfg.flex.update_step, update_times=cfg.flex.update_times)
     domain_ids = p.train.domain_ids()
     init_p = initial_proportions(cfg, domain_ids, len(p.train.domain_names))
-    contexts = DecisionContexts(cfg, p, strategy, routes, seed=args.seed, init_proportions=init_p)
-    scheduler = Scheduler(kind=kind, strategy=strategy, windows=windows, domain_ids=domain_ids,
+    contexts = DecisionContexts(cfg, p, routes, seed=args.seed, init_proportions=init_p)
+    scheduler = Scheduler(kind=kind, stages=stages, windows=windows, domain_ids=domain_ids,
                           domain_names=p.train.domain_names, seed=args.seed, make_context=contexts,
                           init_proportions=init_p, run_id=new_run_id())
-    flex = FlexRun(kind, scheduler=scheduler, mixer=strategy if kind == "mix" else None,
-                   weighter=strategy if kind == "weight" else None)
-    return flex, contexts
+    return FlexRun(kind, scheduler=scheduler), contexts
 
 
 def resume_point(cfg: RunConfig, args, flex: FlexRun) -> str | None:
@@ -156,7 +191,7 @@ def train(cfg: RunConfig, *, extra_callbacks=(), prepared: Prepared | None = Non
     args = training_arguments(cfg)
     p = prepared or prepare(cfg, need_target=bool(cfg.data.eval_dataset))
     args.max_steps = step_budget(args, len(p.train))
-    flex, contexts = build_flex_run(cfg, args, p, build_strategy(cfg, args.seed))
+    flex, contexts = build_flex_run(cfg, args, p)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pad_id = p.tokenizer.pad_token_id if p.tokenizer.pad_token_id is not None else 0

@@ -23,24 +23,32 @@ from .state_io import save_state
 
 @dataclass
 class FlexRun:
-    """What the trainer needs to know of the run's strategy."""
+    """What the trainer needs to know of the run's data plan."""
 
     kind: str
     scheduler: Scheduler | None = None
-    mixer: object = None
-    weighter: object = None
     weight_log: list = field(default_factory=list)
     mix_log: list = field(default_factory=list)
 
+    @property
+    def mixer(self):
+        """The plan's mixer (it observes every batch's per-sample losses), or None."""
+        stages = self.scheduler.stages_of("mix") if self.scheduler is not None else []
+        return stages[0].strategy if stages else None
+
+    def weight_stages(self) -> list:
+        """The plan's loss-space stages (their weights multiply)."""
+        return self.scheduler.stages_of("weight") if self.scheduler is not None else []
+
 
 class FlexfeedTrainer(Trainer):
-    """Trainer whose data order comes from a Scheduler and whose loss can be weighted per sample."""
+    """Trainer whose data order comes from a data plan and whose loss can be weighted per sample."""
 
     def __init__(self, *args, flex: FlexRun | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.flex = flex or FlexRun("static")
         self._logged_decisions = 0
-        if self.flex.kind == "weight":
+        if self.flex.weight_stages():
             # our weighted loss is a per-batch mean: let Trainer divide it by the accumulation steps
             self.loss_is_scaled_for_ga = False
 
@@ -66,36 +74,42 @@ class FlexfeedTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop("row_id", None)
         domains = inputs.pop("domain", None)
-        kind = self.flex.kind
-        if kind in ("static", "select") or rows is None or not model.training:
+        step = self.state.global_step
+        mixer = self.flex.mixer
+        weighters = [s for s in self.flex.weight_stages() if step >= s.warmup_step]
+        if rows is None or not model.training or (mixer is None and not weighters):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if kind == "mix":
+        if not weighters:  # a mixer observes the batch; the loss stays Trainer's own
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             per, _ = per_sample_loss(outputs.logits.detach(), inputs["labels"])
-            g_loss, g_rows, g_dom = self._gather(per, rows, domains)
-            sched = self.flex.scheduler
-            # the proportions this batch was actually drawn with (a decision may already be ahead of it)
-            self.flex.mixer.drawn_with = sched.proportions_of_window(sched.windows.window_of(self.state.global_step))
-            self.flex.mixer.observe(g_dom, g_loss, g_rows, self.state.global_step)
-            self.flex.mix_log.append({"step": self.state.global_step,
-                                      "domain_loss": _domain_means(g_loss, g_dom)})
+            self._observe(mixer, *self._gather(per, rows, domains))
             return (loss, outputs) if return_outputs else loss
-        # weight
         labels = inputs["labels"]
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         per, _ = per_sample_loss(outputs.logits, labels)
         g_loss, g_rows, g_dom = self._gather(per, rows, domains)
-        w = np.asarray(self.flex.weighter.weights(g_loss, g_rows, g_dom, self.state.global_step), dtype=np.float64)
-        if w.shape != g_loss.shape or not np.isfinite(w).all():
-            raise FlexfeedError(f"weighter {self.flex.weighter.name!r} returned weights of shape {w.shape}"
-                                f" for a batch of {g_loss.shape[0]}", "return one finite weight per sample")
+        if mixer is not None:
+            self._observe(mixer, g_loss, g_rows, g_dom)
+        w = np.ones_like(g_loss)
+        for stage in weighters:  # loss-space stages multiply: L = mean_i(prod_k w_i^(k) * l_i)
+            wk = np.asarray(stage.strategy.weights(g_loss, g_rows, g_dom, step), dtype=np.float64)
+            if wk.shape != g_loss.shape or not np.isfinite(wk).all():
+                raise FlexfeedError(f"weighter {stage.strategy.name!r} returned weights of shape {wk.shape}"
+                                    f" for a batch of {g_loss.shape[0]}", "return one finite weight per sample")
+            w = w * wk
         b = per.shape[0]
         rank = self.accelerator.process_index
         local = torch.as_tensor(w[rank * b : (rank + 1) * b], dtype=per.dtype, device=per.device)
         loss = (local * per).mean()
-        self.flex.weight_log.append({"step": self.state.global_step, "weights": w.round(5).tolist(),
-                                     "losses": g_loss.round(5).tolist()})
+        self.flex.weight_log.append({"step": step, "weights": w.round(5).tolist(), "losses": g_loss.round(5).tolist()})
         return (loss, outputs) if return_outputs else loss
+
+    def _observe(self, mixer, g_loss: np.ndarray, g_rows: np.ndarray, g_dom: np.ndarray) -> None:
+        """Hand a mixer the global batch's losses, with the proportions that batch was drawn with."""
+        sched = self.flex.scheduler
+        mixer.drawn_with = sched.proportions_of_window(sched.windows.window_of(self.state.global_step))
+        mixer.observe(g_dom, g_loss, g_rows, self.state.global_step)
+        self.flex.mix_log.append({"step": self.state.global_step, "domain_loss": _domain_means(g_loss, g_dom)})
 
 
 def _domain_means(losses: np.ndarray, domains: np.ndarray) -> dict:

@@ -89,12 +89,17 @@ TRAIN_TYPE_ALIASES = {
     "dynamic_mix": "mix",
     "dynamic_weight": "weight",
     "dynamic_weighting": "weight",
+    "dynamic_reorder": "reorder",
+    "dynamic_lego": "plan",
     "static_full": "static",
 }
 """DataFlex's train_type spellings -> flexfeed's."""
 
-SECTIONS = {"select": "selectors", "mix": "mixers", "weight": "weighters"}
+SECTIONS = {"select": "selectors", "mix": "mixers", "reorder": "reorders", "weight": "weighters"}
 """Components-file section of each train_type."""
+
+FAMILY_ALIASES = {"selector": "select", "mixer": "mix", "reorderer": "reorder", "weighter": "weight"}
+"""DataFlex's stage family names -> flexfeed's (in a data plan)."""
 
 KEY_RENAMES = {"component_name": "component", "component_overrides": "component_args"}
 """DataFlex run keys spelled differently in flexfeed (same meaning)."""

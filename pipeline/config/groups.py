@@ -19,13 +19,16 @@ from stages.args import DataArgs, EmbedArgs, GradsArgs, IndexArgs, LossArgs, Mod
 from stages.values import Range, bounded, check_fields, did_you_mean
 from store.errors import FlexfeedError
 
-from .compat import KEY_RENAMES, LLAMAFACTORY_KEYS, SPECIAL_KEYS, TRAIN_TYPE_ALIASES
+from .compat import FAMILY_ALIASES, KEY_RENAMES, LLAMAFACTORY_KEYS, SPECIAL_KEYS, TRAIN_TYPE_ALIASES
 
 MAX_STEPS = 10**9
 """Largest step count accepted anywhere (a bigger one is a typo, not a plan)."""
-TrainType = Literal["static", "select", "mix", "weight"]
-"""What the online trainer does: train plainly, or select, mix or weight the data."""
+TrainType = Literal["static", "select", "mix", "reorder", "weight", "plan"]
+"""What the online trainer does: train plainly, select, mix, reorder or weight the data, or a composed `plan`."""
 TRAIN_TYPES: tuple[str, ...] = typing.get_args(TrainType)
+Family = Literal["select", "mix", "reorder", "weight"]
+FAMILIES: tuple[str, ...] = typing.get_args(Family)
+"""The strategy families, in the data plan's order (weight stages are loss-space and may sit anywhere)."""
 
 
 def normalise_train_type(value, where: str) -> str:
@@ -37,6 +40,56 @@ def normalise_train_type(value, where: str) -> str:
         raise FlexfeedError(f"{where}: unknown train_type {value!r}",
                             did_you_mean(value, [*TRAIN_TYPES, *TRAIN_TYPE_ALIASES]))
     return value
+
+
+@dataclass(kw_only=True)
+class PlanStageArgs:
+    """One stage of a composed data plan (an item of `plan:`)."""
+
+    family: Family
+    """`select`, `mix`, `reorder` or `weight` (DataFlex's selector, mixer, reorder, weighter accepted)."""
+    component: str
+    """A registered component of that family, or `package.module:Class`."""
+    component_args: dict = field(default_factory=dict)
+    """The component's parameters (DataFlex's `params` accepted), checked against its Params at load."""
+    mode: Literal["draw", "filter"] = "draw"
+    """select only: `draw` takes the window's budget; `filter` keeps `keep_ratio` of the pool for later stages."""
+    keep_ratio: float = bounded(0.5, low=0, low_open=True, high=1)
+    """select in mode filter: the share of the pool kept when the stage fires."""
+    warmup_step: int | None = bounded(None, low=0, high=MAX_STEPS)
+    """No decision (and, for weight, no weights) before this step; default the run's warmup_step."""
+    every: int | None = bounded(None, low=1, high=MAX_STEPS)
+    """Steps between two firings of this stage (at decision windows); default the run's update_step."""
+    enabled: bool = True
+    """false leaves the stage out of the plan."""
+
+    def __post_init__(self):
+        self.family = FAMILY_ALIASES.get(self.family, self.family)
+        check_fields(self)
+        if self.family != "select" and self.mode != "draw":
+            raise FlexfeedError(f"mode {self.mode!r} is for select stages, not {self.family}",
+                                "drop mode from this stage")
+
+
+def parse_plan(items, where: str) -> list[PlanStageArgs]:
+    """`plan:` items -> stage args, refusing unknown keys with a hint naming the stage."""
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise FlexfeedError(f"{where} must be a list of stages (mappings)",
+                            "e.g. plan: [{family: select, component: loss, mode: filter, keep_ratio: 0.5}, ...]")
+    names = {f.name for f in dataclasses.fields(PlanStageArgs)}
+    out = []
+    for i, item in enumerate(items):
+        item = dict(item)
+        if "params" in item and "component_args" not in item:
+            item["component_args"] = item.pop("params")
+        unknown = [k for k in item if k not in names]
+        if unknown:
+            raise FlexfeedError(f"{where}[{i}]: unknown stage key {unknown[0]!r}", did_you_mean(str(unknown[0]), names))
+        for key in ("family", "component"):
+            if key not in item:
+                raise FlexfeedError(f"{where}[{i}] has no {key!r}", "give every stage a family and a component")
+        out.append(PlanStageArgs(**item))
+    return out
 
 
 @dataclass(kw_only=True)
@@ -65,10 +118,22 @@ class FlexArgs:
     """One weight per dataset, in `dataset` order, for the mixture rule; normalised to sum to 1."""
     mixer_eval_dataset: list[str] = field(default_factory=list)
     """Datasets a mixer evaluates on (comma-separated string accepted); default eval_dataset."""
+    plan: list = field(default_factory=list)
+    """train_type plan: the stages, each {family, component, component_args, mode, keep_ratio, warmup_step, every, enabled}."""
 
     def __post_init__(self):
         self.train_type = normalise_train_type(self.train_type, "train_type")
-        if self.train_type != "static" and not self.component:
+        if self.plan and not all(isinstance(s, PlanStageArgs) for s in self.plan):
+            self.plan = parse_plan(self.plan, "plan")
+        if self.train_type == "plan":
+            if not any(s.enabled for s in self.plan):
+                raise FlexfeedError("train_type plan needs at least one enabled stage under plan:",
+                                    "e.g. plan: [{family: select, component: loss, mode: filter, keep_ratio: 0.5}, "
+                                    "{family: mix, component: odm}]")
+        elif self.plan:
+            raise FlexfeedError(f"plan: is read with train_type plan, not {self.train_type!r}",
+                                "set train_type: plan (DataFlex: dynamic_lego), or drop plan:")
+        elif self.train_type != "static" and not self.component:
             raise FlexfeedError(f"train_type {self.train_type!r} needs a component",
                                 f"set component (or DataFlex's component_name), e.g. {_EXAMPLES[self.train_type]}")
         if self.update_times == -1:
@@ -82,7 +147,8 @@ class FlexArgs:
             self.init_mixture_proportions = [p / sum(props) for p in props]
 
 
-_EXAMPLES = {"select": "component: less", "mix": "component: doremi", "weight": "component: loss"}
+_EXAMPLES = {"select": "component: less", "mix": "component: doremi", "reorder": "component: saw",
+             "weight": "component: loss"}
 
 
 @dataclass(kw_only=True)

@@ -65,7 +65,9 @@ def load_config(path, overrides: Sequence[str] = (), *, training: bool = True,
     groups = {name: load.group(name, cls) for name, cls in {**FLAT_GROUPS, **SECTION_GROUPS}.items()}
     training_kwargs = load.training()
     load.required(groups["model"], groups["data"], training_kwargs, need_output_dir=training)
-    if validate_component and groups["flex"].train_type != "static":
+    if validate_component and groups["flex"].train_type == "plan":
+        load.plan_params(groups["flex"])
+    elif validate_component and groups["flex"].train_type != "static":
         groups["flex"].component_args = load.component_params(groups["flex"])
     for text in load.warnings:
         log.warning(text)
@@ -275,6 +277,15 @@ class _Load:
             missing.append("output_dir")
         if missing:
             self.fail(f"missing required key {missing[0]!r}", f"add `{missing[0]}: ...` to the config")
+
+    def plan_params(self, flex: FlexArgs) -> None:
+        """Every plan stage's component and parameters, checked by building its Params."""
+        for i, stage in enumerate(flex.plan):
+            try:
+                cls = registry_for(stage.family).resolve(stage.component)
+                build_params(cls.Params, stage.component_args, f"{stage.family} component {stage.component!r}")
+            except FlexfeedError as exc:
+                raise FlexfeedError(f"{self.where('plan')}[{i}]: {exc.message}", exc.hint) from None
 
     def component_params(self, flex: FlexArgs) -> dict:
         """The component's parameters, checked by building its Params (unknown ones are errors)."""

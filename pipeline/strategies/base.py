@@ -116,3 +116,18 @@ class Weighter(Strategy):
     def weights(self, losses: np.ndarray, rows: np.ndarray, domains: np.ndarray, step: int) -> np.ndarray:
         """Weights (B,) for the global batch's per-sample losses; they average 1."""
         raise NotImplementedError
+
+
+class Reorderer(Strategy):
+    """Orders rows by a score: the order in which a window's (or the run's) rows are served."""
+
+    family = "reorder"
+
+    def scores(self, ctx, rows: np.ndarray) -> np.ndarray:
+        """One finite score per row of `rows` (higher is later under the default polarity)."""
+        raise NotImplementedError
+
+    def order(self, rows: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
+        """A permutation of `rows` under the component's pattern."""
+        raise NotImplementedError
+

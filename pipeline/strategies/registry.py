@@ -9,7 +9,7 @@ import typing
 from stages.values import coerce, did_you_mean
 from store.errors import FlexfeedError
 
-from .base import Mixer, Selector, Weighter
+from .base import Mixer, Reorderer, Selector, Weighter
 
 
 def build_params(cls, params: dict | None, where: str):
@@ -83,13 +83,17 @@ class Registry:
 SELECTORS = Registry("select", Selector)
 MIXERS = Registry("mix", Mixer)
 WEIGHTERS = Registry("weight", Weighter)
+REORDERS = Registry("reorder", Reorderer)
+FAMILY_REGISTRIES = {"select": SELECTORS, "mix": MIXERS, "reorder": REORDERS, "weight": WEIGHTERS}
+"""One registry per family, in the data plan's order."""
 
 
-def registry_for(train_type: str) -> Registry:
-    return {"select": SELECTORS, "mix": MIXERS, "weight": WEIGHTERS}[train_type]
+def registry_for(family: str) -> Registry:
+    """The registry of a strategy family (select, mix, reorder, weight)."""
+    return FAMILY_REGISTRIES[family]
 
 
-_BUILTINS = ("selectors", "mixers", "weighters")
+_BUILTINS = ("selectors", "mixers", "reorders", "weighters")
 
 
 def _load_builtins() -> None:
