@@ -61,7 +61,8 @@ def check_stages(stages: list[PlanStage]) -> PlanStage | None:
     if ranks != sorted(ranks):
         raise FlexfeedError(f"data plan stages {[s.label for s in index]} are out of order",
                             "write index-space stages in the order select -> mix -> reorder (weight stages anywhere)")
-    takers = [s for s in index if (s.family == "select" and s.mode == "draw") or s.family == "mix"]
+    takers = [s for s in index if (s.family == "select" and s.mode == "draw")
+              or (s.family == "mix" and not s.strategy.loss_space)]
     if len(takers) > 1:
         raise FlexfeedError(f"two stages take the window's budget: {[s.label for s in takers]}",
                             "keep one `select` in mode draw or one `mix`; make the other selects mode: filter")
@@ -127,6 +128,10 @@ class Scheduler:
     def stages_of(self, family: str) -> list[PlanStage]:
         return [s for s in self.stages if s.family == family]
 
+    def loss_stages(self) -> list[PlanStage]:
+        """Stages whose per-sample weights multiply in the loss: weighters and loss-space mixers."""
+        return [s for s in self.stages if s.family == "weight" or (s.family == "mix" and s.strategy.loss_space)]
+
     def _make_plan(self, w: int) -> np.ndarray:
         n = self.windows.num_samples(w)
         if n == 0:
@@ -139,9 +144,13 @@ class Scheduler:
         pool_changed = self._filter(ctx, firing, record)
         plan = self._budget(ctx, firing, w, n, pool_changed, record)
         plan = self._window_order(ctx, firing, w, plan)
-        for stage in self.stages_of("weight"):
-            if stage in firing:
+        for stage in self.loss_stages():
+            if stage in firing and stage.family == "weight":
                 stage.strategy.update(ctx)
+            elif stage in firing:  # a mixer in loss space: new domain weights, the draw is not its
+                alpha = _check_proportions(np.asarray(stage.strategy.proportions(ctx), dtype=np.float64),
+                                           len(self.domain_names), f"mixer {stage.strategy.name!r}")
+                record["domain_weights"] = dict(zip(self.domain_names, map(float, alpha), strict=True))
         for stage in firing:
             stage.last_step = step
         if len(self.stages) > 1:

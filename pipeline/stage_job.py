@@ -45,11 +45,17 @@ def run_stage_job(cfg: RunConfig, which: str, *, progress: bool = True, prepared
 
 
 def component_needs(cfg: RunConfig) -> list[SignalNeed]:
-    """What the configured component declares it reads (nothing for a static run or no component)."""
-    if cfg.flex.train_type == "static" or not cfg.flex.component:
+    """What the configured components declare they read: the component's, or every enabled plan stage's."""
+    kind = cfg.flex.train_type
+    if kind == "static":
         return []
-    strategy = registry_for(cfg.flex.train_type).build(cfg.flex.component, cfg.flex.component_args, seed=0)
-    return strategy.needs()
+    if kind == "plan":
+        specs = [(s.family, s.component, s.component_args) for s in cfg.flex.plan if s.enabled]
+    elif cfg.flex.component:
+        specs = [(kind, cfg.flex.component, cfg.flex.component_args)]
+    else:
+        return []
+    return [need for family, name, args in specs for need in registry_for(family).build(name, args, seed=0).needs()]
 
 
 def gradient_signals(cfg: RunConfig, *, everything: bool = False) -> list[tuple[str, str]]:

@@ -37,8 +37,8 @@ class FlexRun:
         return stages[0].strategy if stages else None
 
     def weight_stages(self) -> list:
-        """The plan's loss-space stages (their weights multiply)."""
-        return self.scheduler.stages_of("weight") if self.scheduler is not None else []
+        """The plan's loss-space stages: weighters and loss-space mixers (their weights multiply)."""
+        return self.scheduler.loss_stages() if self.scheduler is not None else []
 
 
 class FlexfeedTrainer(Trainer):

@@ -104,6 +104,13 @@ class Mixer(Strategy):
         """Domain proportions (K,), non-negative, summing to 1."""
         raise NotImplementedError
 
+    #: a mixer acting in loss space (per-sample weights) rather than on the window's draw
+    loss_space: bool = False
+
+    def weights(self, losses: np.ndarray, rows: np.ndarray, domains: np.ndarray, step: int) -> np.ndarray:
+        """Loss-space mixers: a weight per sample of the global batch."""
+        raise NotImplementedError
+
 
 class Weighter(Strategy):
     """Turns the per-sample losses of a batch into weights inside `compute_loss`."""

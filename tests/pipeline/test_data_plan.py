@@ -299,3 +299,37 @@ def test_bad_plans_are_refused_when_the_config_loads(run_cfg, tmp_path, plan_yam
     _, root = run_cfg
     with pytest.raises(FlexfeedError, match=words):
         load_config(_plan_config(root, tmp_path, plan_yaml))
+
+
+def test_doremi_reweight_form_weights_each_domain_by_alpha_over_its_batch_share():
+    mixer = MIXERS.build("doremi", {"form": "reweight"})
+    assert mixer.loss_space
+    np.testing.assert_array_equal(mixer.weights(np.ones(4), None, np.array([0, 0, 0, 1]), 0), np.ones(4))
+    mixer.alpha = np.array([0.7, 0.3])
+    losses = np.array([1.0, 2.0, 3.0, 10.0])
+    w = mixer.weights(losses, None, np.array([0, 0, 0, 1]), 0)
+    # by hand: domain 0 has 3/4 of the batch, domain 1 has 1/4
+    np.testing.assert_allclose(w, [0.7 / 0.75] * 3 + [0.3 / 0.25])
+    # the batch loss is DoReMi's objective: sum_k alpha_k * mean loss of domain k = 0.7 * 2 + 0.3 * 10
+    assert np.mean(w * losses) == pytest.approx(0.7 * 2.0 + 0.3 * 10.0)
+
+
+def test_a_reweighting_doremi_stage_leaves_the_draw_alone_and_multiplies_with_a_weighter(run_cfg, tmp_path,
+                                                                                          seen_rows):
+    path, root = run_cfg
+    run_stage_job(load_config(path, ["loss.signal=ref_loss"]), "loss", progress=False)
+    cfg_path = _plan_config(root, tmp_path, """
+plan:
+  - {family: mix, component: doremi, component_args: {form: reweight}, warmup_step: 0}
+  - {family: weight, component: loss, component_args: {strategy: linupper}, warmup_step: 0}
+""")
+    train(load_config(cfg_path, ["loss.signal=ref_loss"]))
+    plan_rows = list(seen_rows)
+    seen_rows.clear()
+    train(load_config(path, [f"output_dir={tmp_path / 'weight'}", "train_type=weight", "component=loss",
+                             "warmup_step=4", "update_step=4"]))
+    assert plan_rows == seen_rows  # the plan draws uniformly, like a weight run (no draw of its own) with the seed
+    decided = [d for d in _decisions(tmp_path / "out") if d["decision"]]
+    assert decided and all(sum(d["domain_weights"].values()) == pytest.approx(1.0) for d in decided)
+    records = [json.loads(x) for x in (tmp_path / "out" / "flexfeed_weights.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and not all(np.allclose(r["weights"], 1.0) for r in records)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -43,6 +44,10 @@ class DoReMiParams:
     """Step size eta of the exponentiated-gradient update (DoReMi uses 1.0)."""
     reweight_eps: float = 1e-3
     """Smoothing eps toward uniform after each update, in [0, 1] (DoReMi's c = 1e-3)."""
+    form: Literal["sample", "reweight"] = "sample"
+    """`sample`: draw each window's domains with alpha_t (takes the budget); `reweight`: DoReMi's own form,
+    batches drawn without it and each sample's loss weighted so the batch loss is sum_k alpha_k * mean loss_k
+    (a loss-space stage: it multiplies with weighters)."""
 
     def __post_init__(self):
         if not self.reweight_eta > 0:
@@ -81,6 +86,20 @@ class DoReMiMixer(Mixer):
     def needs(self) -> list[SignalNeed]:
         """The reference model's per-sample losses, computed once offline."""
         return [SignalNeed("ref_loss", "train", refresh=False)]
+
+    @property
+    def loss_space(self) -> bool:
+        """In its reweighting form DoReMi weights losses instead of drawing domains."""
+        return self.params.form == "reweight"
+
+    def weights(self, losses, rows, domains, step: int) -> np.ndarray:
+        """Reweighting form: w_i = alpha_{d(i)} / (share of domain d(i) in the batch), so that the batch loss
+        mean_i(w_i l_i) is sum_k alpha_k * (mean loss of domain k); ones before the first decision."""
+        domains = np.asarray(domains, dtype=np.int64)
+        if self.alpha is None:
+            return np.ones(len(domains))
+        share = np.bincount(domains, minlength=len(self.alpha))[domains] / len(domains)
+        return self.alpha[domains] / share
 
     def observe(self, domains, losses, rows, step: int) -> None:
         """Buffer the batch; excess losses are computed at the next decision, where ref_loss is read."""
