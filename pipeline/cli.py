@@ -1,9 +1,14 @@
-"""The `flexfeed` command: a thin click layer over plain functions."""
+"""The `flexfeed` command: a thin click layer over plain functions.
+
+Each command imports what it runs inside its own body: `flexfeed --help` and `flexfeed store info` must not
+pay for torch, transformers and zarr, which the training and stage modules load at import.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -159,8 +164,6 @@ for _which, _doc in (
 @one_line_errors
 def train(config, overrides, local_rank):
     """Train with dynamic selection, mixing or weighting from CONFIG (key=value overrides)."""
-    import os
-
     from .train import train as run_train
 
     if local_rank is not None:

@@ -8,8 +8,10 @@ has: the unwrapped model, the optimizer (Adam moments, learning rate), the ranks
 from __future__ import annotations
 
 import contextlib
+import uuid
 
 import numpy as np
+import torch.distributed as dist
 
 from store.errors import FlexfeedError
 
@@ -28,10 +30,6 @@ def new_run_id() -> str:
     rather than derived from the output folder (no path in a key) and is saved in every checkpoint, so
     a resumed run continues with the signals it refreshed.
     """
-    import uuid
-
-    import torch.distributed as dist
-
     box = [uuid.uuid4().hex]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)

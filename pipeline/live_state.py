@@ -43,7 +43,9 @@ def live_adam_state(trainer, model) -> AdamState:
     m: dict[str, torch.Tensor] = {}
     v: dict[str, torch.Tensor] = {}
     if _is_deepspeed(trainer):
-        from deepspeed.utils import safe_get_full_optimizer_state
+        from deepspeed.utils import (
+            safe_get_full_optimizer_state,  # deepspeed: only runs that use it import it
+        )
 
         for name, p in named:  # same order on every rank: each call gathers across ranks
             exp_avg = safe_get_full_optimizer_state(p, "exp_avg")

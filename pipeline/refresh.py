@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from stages.args import RunnerArgs
 from stages.base import Stage, bind_live_model
@@ -180,8 +181,6 @@ class Refresher:
 
     @contextlib.contextmanager
     def _live(self, stage, state: dict):
-        import torch
-
         was_training = getattr(self.model, "training", False)
         self.model.eval()
         ctx = self.gather_params() if self.gather_params is not None else contextlib.nullcontext()

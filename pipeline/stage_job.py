@@ -6,6 +6,7 @@ from stages.base import Stage
 from stages.data import TokenizedData
 from stages.runner import RunResult, run_stage
 from store.errors import FlexfeedError
+from store.faiss_index import build_index, index_status
 from store.store import Store
 
 from .config import RunConfig
@@ -72,8 +73,6 @@ def gradient_signals(cfg: RunConfig, *, everything: bool = False) -> list[tuple[
 
 
 def index_job(cfg: RunConfig, p: Prepared) -> list[RunResult]:
-    from store.faiss_index import build_index, index_status
-
     out = []
     for store in [s for s in (p.train_store, p.target_store) if s is not None]:
         for sig in store.find(cfg.index.signal):

@@ -9,7 +9,11 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import torch
+from accelerate import PartialState
+from transformers.trainer_utils import get_last_checkpoint
 
+from stages.data import load_data
 from stages.loss import losses_of
 from stages.models import load_model
 from store.errors import FlexfeedError
@@ -81,13 +85,9 @@ def training_arguments(cfg: RunConfig):
     changes: dict = {"remove_unused_columns": False}  # row ids and domains ride along in each batch
     if cfg.training.get("deepspeed"):
         ensure_dist_env()
-        import torch
-
         if not torch.cuda.is_available():
             # Without a GPU, accelerate picks no backend for DeepSpeed and counts one process whatever
             # the launcher started: set the state up with gloo first and have Trainer use it.
-            from accelerate import PartialState
-
             os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
             try:
                 PartialState(backend=cfg.training.get("ddp_backend") or "gloo")
@@ -169,8 +169,6 @@ def build_flex_run(cfg: RunConfig, args, p: Prepared) -> tuple[FlexRun, Decision
 
 def resume_point(cfg: RunConfig, args, flex: FlexRun) -> str | None:
     """The checkpoint to resume from (None: a fresh run); the strategy state it holds is loaded."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     resume = cfg.training.get("resume_from_checkpoint")
     if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
         resume = get_last_checkpoint(args.output_dir)
@@ -253,8 +251,6 @@ def _write_outputs(trainer, flex: FlexRun, p: Prepared, cfg: RunConfig, out_dir:
                                             strict=True))
     model = trainer.accelerator.unwrap_model(trainer.model)
     if cfg.data.val_dataset:
-        from stages.data import load_data
-
         val = load_data(cfg.data, p.tokenizer, list(cfg.data.val_dataset))
         summary["eval_loss"] = evaluate_domains(model, p.tokenizer, val)
     elif p.target is not None:

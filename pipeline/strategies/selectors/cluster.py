@@ -52,7 +52,7 @@ class ClusterParams:
 
 def kmeans_assign(emb: np.ndarray, num_clusters: int, iters: int, seed: int) -> np.ndarray:
     """Cluster id of every row from seeded FAISS k-means (inner product on unit embeddings)."""
-    import faiss
+    import faiss  # heavy, and only this selector clusters
 
     x = np.ascontiguousarray(emb, dtype=np.float32)
     k = max(1, min(num_clusters, x.shape[0]))
