@@ -74,9 +74,14 @@ class InMemorySignals:
         return [(meta, values[rows]) for meta, values in self.get_all(name, split)]
 
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
-        base = np.asarray(self.get(name, split), dtype=np.float32)
-        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        scores = q @ base.T
-        k = min(k, base.shape[0])
-        ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, ids, axis=1), ids
+        return exact_search(self.get(name, split), queries, k)
+
+
+def exact_search(values: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product kNN: (scores, row ids), each (Q, min(k, N)), ties by row id."""
+    base = np.asarray(values, dtype=np.float32)
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    scores = q @ base.T
+    k = min(k, base.shape[0])
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, ids, axis=1), ids

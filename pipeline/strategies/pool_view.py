@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .context import DecisionContext
+from .context import DecisionContext, exact_search
 
 
 class PoolSignals:
@@ -36,12 +36,7 @@ class PoolSignals:
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         if split != "train":
             return self.base.search(name, queries, k, split)
-        values = np.asarray(self.get(name, split), dtype=np.float32)
-        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        scores = q @ values.T
-        k = min(k, values.shape[0])
-        ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, ids, axis=1), ids
+        return exact_search(self.get(name, split), queries, k)
 
 
 def pool_context(ctx: DecisionContext, pool: np.ndarray | None) -> DecisionContext:
