@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from stages.templates import check_template_name
 from stages.values import bounded, check_fields
 
 
@@ -38,8 +39,12 @@ class ModelArgs:
     """`eager`, `sdpa`, ...; None lets transformers choose."""
     torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """float32, bfloat16 or float16 for loading weights; `auto` keeps the checkpoint's dtype."""
+    new_special_tokens: list[str] = field(default_factory=list)
+    """Special tokens added to the tokenizer where it lacks them, the model's embeddings resized to match (comma-separated string accepted); a run adds its named template's own (e.g. `<|eot_id|>`)."""
 
     def __post_init__(self):
+        if isinstance(self.new_special_tokens, str):
+            self.new_special_tokens = [t.strip() for t in self.new_special_tokens.split(",") if t.strip()]
         check_fields(self)
 
 
@@ -53,8 +58,8 @@ class DataArgs:
     """Folder holding dataset_info.json and the data files."""
     stage: Literal["pt", "sft"] = "sft"
     """`pt` (plain text, every token trained) or `sft` (prompt masked from labels)."""
-    template: Literal["default", "chat"] | None = None
-    """`default` (plain documented template) or `chat` (the tokenizer's chat template); None picks chat when the tokenizer has one."""
+    template: str | None = None
+    """`default` (flexfeed's plain template), `chat` (the tokenizer's chat template) or a LLaMA-Factory template name (`llama3`, `qwen`, ...; its `default` is `lf_default`; list in docs/data.md); None picks chat when the tokenizer has one."""
     cutoff_len: int = bounded(1024, low=1, high=10**7)
     """Truncate tokenized samples to this many tokens."""
     max_samples: int | None = bounded(None, low=1, high=10**12)
@@ -66,6 +71,8 @@ class DataArgs:
 
     def __post_init__(self):
         check_fields(self)
+        if self.template is not None:
+            check_template_name(self.template)
 
 
 @dataclass(kw_only=True)

@@ -7,6 +7,8 @@ masked segments get label -100 (IGNORE_INDEX), trained ones their own id.
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from dataclasses import dataclass
 from itertools import chain
 
@@ -18,7 +20,7 @@ from stages.batching import IGNORE_INDEX
 from stages.conversations import RowRef, alpaca_conversation, pt_text, sharegpt_conversation
 from stages.dataset_info import DatasetSpec, parse_entry, read_info
 from stages.formats import read_source
-from stages.templates import Segment, render, resolve_template
+from stages.templates import Segment, named_template, render, resolve_template
 from store.errors import FlexfeedError
 from store.hashing import HASH_HEX_CHARS, canonical_json
 
@@ -131,20 +133,32 @@ def split_budget(prompt_len: int, response_len: int, budget: int) -> tuple[int, 
     return budget - keep_response, keep_response
 
 
-def assemble(pieces: list[list[int]], trained: list[bool], cutoff_len: int) -> tuple[list[int], list[int]]:
-    """input_ids and labels of alternating prompt/response pieces, truncated turn by turn to cutoff_len."""
+def assemble(pieces: list[list[int]], trained: list[bool], cutoff_len: int,
+             efficient_eos: int | None = None) -> tuple[list[int], list[int]]:
+    """input_ids and labels of alternating prompt/response pieces, truncated turn by turn to cutoff_len.
+
+    ``efficient_eos`` (an eos id) is LLaMA-Factory's efficient_eos: the row ends with that eos (trained, and
+    kept within cutoff_len), and each later prompt's first label is eos, ending the response before it.
+    """
     ids: list[int] = []
     labels: list[int] = []
     if len(pieces) == 1:  # pt: one trained piece, cut at the end
         ids = pieces[0][:cutoff_len]
         return ids, list(ids) if trained[0] else [IGNORE_INDEX] * len(ids)
-    for prompt, response in zip(pieces[0::2], pieces[1::2]):
-        budget = cutoff_len - len(ids)
+    reserved = 1 if efficient_eos is not None else 0
+    for turn, (prompt, response) in enumerate(zip(pieces[0::2], pieces[1::2])):
+        budget = cutoff_len - reserved - len(ids)
         if budget <= 0:
             break
         n_prompt, n_response = split_budget(len(prompt), len(response), budget)
         ids += prompt[:n_prompt] + response[:n_response]
-        labels += [IGNORE_INDEX] * n_prompt + response[:n_response]
+        prompt_labels = [IGNORE_INDEX] * n_prompt
+        if efficient_eos is not None and turn > 0 and n_prompt:
+            prompt_labels[0] = efficient_eos
+        labels += prompt_labels + response[:n_response]
+    if efficient_eos is not None:
+        ids.append(efficient_eos)
+        labels.append(efficient_eos)
     return ids, labels
 
 
@@ -171,7 +185,10 @@ def load_data(args: DataArgs, tokenizer, names: list[str] | None = None) -> Toke
     template = resolve_template(args.template, tokenizer) if args.stage == "sft" else None
     info = read_info(args.dataset_dir)
     specs = [parse_entry(args.dataset_dir, info, name) for name in names]
-    bos = bos_prefix(tokenizer) if template != "chat" else []  # chat templates write their own bos
+    # flexfeed's default and pt rows get the tokenizer's own bos; chat and named templates write their own
+    bos = bos_prefix(tokenizer) if template in (None, "default") else []
+    named = named_template(template)
+    efficient_eos = tokenizer.eos_token_id if named is not None and named.efficient_eos else None
 
     texts, domains, all_segments = [], [], []
     for domain, spec in enumerate(specs):
@@ -185,7 +202,8 @@ def load_data(args: DataArgs, tokenizer, names: list[str] | None = None) -> Toke
     for segments in all_segments:
         pieces = [next(token_lists) for _ in segments]
         pieces[0] = bos + pieces[0]
-        ids, labs = assemble(pieces, [trained for _, trained in segments], args.cutoff_len)
+        ids, labs = assemble(pieces, [trained for _, trained in segments], args.cutoff_len,
+                             efficient_eos if args.stage == "sft" else None)
         input_ids.append(ids)
         labels.append(labs)
 
@@ -195,3 +213,25 @@ def load_data(args: DataArgs, tokenizer, names: list[str] | None = None) -> Toke
     dataset = datasets.Dataset.from_dict(
         {"input_ids": input_ids, "labels": labels, "text": texts, "domain": domains}, features=FEATURES)
     return TokenizedData(dataset=dataset, domain_names=names, fingerprint=fingerprint)
+
+
+def row_values(args: DataArgs, column: str, names: list[str] | None = None) -> np.ndarray:
+    """The number in each raw row's `column`, in the row order of ``load_data(args, ..., names)``.
+
+    Read from the data files again rather than carried through tokenizing, so runs that do not ask for
+    it keep their fingerprint and store keys. A missing or non-finite value is an error naming its row.
+    """
+    names = _names(args.dataset if names is None else names)
+    _check_args(args, names)
+    info = read_info(args.dataset_dir)
+    out: list[float] = []
+    for spec in (parse_entry(args.dataset_dir, info, name) for name in names):
+        for ref, row in _pick_rows(spec, args.max_samples):
+            value = row.get(column) if isinstance(row, dict) else None
+            if value is None:
+                raise ref.error(column, "no value (every train row needs a score in this field)",
+                                f"add {column!r} to every row of every dataset, or score from a file")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ref.error(column, f"score {value!r} is not a finite number", "write a plain number")
+            out.append(float(value))
+    return np.asarray(out, dtype=np.float64)

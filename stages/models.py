@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 FINETUNING_TYPES = ("lora", "full")
 LORA_INIT_SEED = 0
+RESIZE_INIT_SEED = 0
+log = logging.getLogger(__name__)
+_told: set = set()  # (model folder, tokens) already reported in this process
 
 
 def _model_dir(path: str) -> Path:
@@ -67,10 +71,41 @@ def load_tokenizer(args: ModelArgs):
     except (OSError, ValueError) as exc:
         raise FlexfeedError(f"cannot load a tokenizer from {str(root)!r}: {exc}",
                             "save the tokenizer into the model folder (tokenizer.save_pretrained)") from None
+    add_special_tokens(tokenizer, args.new_special_tokens, str(root))
     if tokenizer.pad_token is None:
         # causal LMs often ship without a pad token; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def add_special_tokens(tokenizer, tokens: list[str], where: str = "") -> int:
+    """Make ``tokens`` special tokens of the tokenizer (as LLaMA-Factory adds stop words); the count newly added."""
+    if not tokens:
+        return 0
+    num_before = len(tokenizer)
+    try:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_additional_special_tokens=False)
+    except TypeError:  # tokenizers without that keyword keep the old list anyway
+        tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
+    added = len(tokenizer) - num_before
+    if added and (where, tuple(tokens)) not in _told:
+        _told.add((where, tuple(tokens)))
+        log.warning("added %d special token(s) the tokenizer of %s lacked (%s); the model's embeddings are "
+                    "resized to %d rows", added, where or "the model", ", ".join(tokens), len(tokenizer))
+    return added
+
+
+def _resize_embeddings(model, args: ModelArgs) -> None:
+    """Grow the embeddings to the tokenizer's size once new_special_tokens added tokens to it."""
+    import torch
+
+    num_tokens = len(load_tokenizer(args))
+    if num_tokens <= model.get_input_embeddings().weight.shape[0]:
+        return
+    # new rows are drawn at random: seeded, so every process (and every signal keyed by the model) agrees
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RESIZE_INIT_SEED)
+        model.resize_token_embeddings(num_tokens)
 
 
 def lora_target_modules(model, target: str | list[str]) -> list[str]:
@@ -115,6 +150,8 @@ def load_model(args: ModelArgs, *, trainable: bool = True):
     except (OSError, ValueError) as exc:
         raise FlexfeedError(f"cannot load a causal LM from {str(root)!r}: {exc}",
                             "check the checkpoint files, attn_implementation and trust_remote_code") from None
+    if args.new_special_tokens:
+        _resize_embeddings(model, args)
     if args.finetuning_type == "lora" and (trainable or args.adapter_name_or_path):
         model = _with_lora(model, args, trainable)
     elif trainable:
@@ -177,13 +214,16 @@ def model_identity(args: ModelArgs) -> dict:
         target = args.lora_target if isinstance(args.lora_target, str) else ",".join(args.lora_target)
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank,
                 "dropout": args.lora_dropout, "target": target}
-    return {
+    identity = {
         "weights": fingerprint_directory(root),
         "adapter": adapter_fingerprint(args.adapter_name_or_path) if args.adapter_name_or_path else None,
         "finetuning_type": args.finetuning_type,
         "lora": lora,
         "dtype": args.torch_dtype,
     }
+    if args.new_special_tokens:  # absent otherwise, so keys made before the field existed stay valid
+        identity["new_special_tokens"] = list(args.new_special_tokens)
+    return identity
 
 
 def source_path(path: str | os.PathLike) -> str:

@@ -1,6 +1,6 @@
 """Rendering a conversation as text segments, each marked trained (assistant) or masked (everything else).
 
-Two templates:
+Built in, and LLaMA-Factory's named templates (stages.named_templates, listed in docs/data.md):
 
 - ``default``: a plain, tokenizer-independent layout (documented in docs/data.md)::
 
@@ -12,6 +12,8 @@ Two templates:
   conversation: the text that rendering ``messages[:k]`` with a generation prompt adds to the
   previous turn is the prompt of turn k (masked), and what rendering ``messages[:k+1]`` adds after
   that is the assistant turn (trained, including the template's end-of-turn markers).
+- ``llama3``, ``qwen``, ... (``NAMED``): LLaMA-Factory's templates by their names, its ``default`` as
+  ``lf_default``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from __future__ import annotations
 import json
 
 from stages.conversations import Conversation
+from stages.named_templates import NAMED, NamedTemplate, render_named
+from stages.values import FieldError, did_you_mean
 from store.errors import FlexfeedError
 
-TEMPLATES = ("default", "chat")
+TEMPLATES = ("default", "chat", *NAMED)
 USER_HEADER = "### User:\n"
 ASSISTANT_HEADER = "### Assistant:\n"
 
@@ -37,12 +41,31 @@ def resolve_template(name: str | None, tokenizer) -> str:
     """`default` or `chat`; None picks chat when the tokenizer has a chat template."""
     if name is None:
         return "chat" if has_chat_template(tokenizer) else "default"
-    if name not in TEMPLATES:
-        raise FlexfeedError(f"unknown template {name!r}", "template is 'default', 'chat', or unset (automatic)")
+    check_template_name(name)
     if name == "chat" and not has_chat_template(tokenizer):
         raise FlexfeedError("template 'chat' was asked for, but the tokenizer has no chat template",
                             "use template: default, or a tokenizer whose tokenizer_config.json has chat_template")
     return name
+
+
+def check_template_name(name: str) -> None:
+    """Refuse a template name flexfeed does not know (a FieldError naming the closest and listing all)."""
+    if name not in TEMPLATES:
+        close = did_you_mean(name, TEMPLATES)
+        close = close + " " if close.startswith("did you mean") else ""
+        raise FieldError("template", f" is {name!r}, not a known template",
+                         f"{close}known: {', '.join(TEMPLATES)}; or leave it unset (automatic)")
+
+
+def named_template(name: str | None) -> NamedTemplate | None:
+    """The LLaMA-Factory template of that name, None for `default`, `chat` and unset."""
+    return NAMED.get(name) if name else None
+
+
+def template_special_tokens(name: str | None) -> list[str]:
+    """Special tokens the template writes (added to the tokenizer when it lacks them)."""
+    tmpl = named_template(name)
+    return list(tmpl.special_tokens) if tmpl else []
 
 
 def render_default(conv: Conversation, eos_token: str) -> list[Segment]:
@@ -103,4 +126,8 @@ def render(conv: Conversation, template: str, tokenizer) -> list[Segment]:
     """Masked/trained text segments of a conversation in the resolved template."""
     if template == "chat":
         return render_chat(conv, tokenizer)
+    tmpl = named_template(template)
+    if tmpl is not None:
+        bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
+        return render_named(conv, tmpl, bos or "", tokenizer.eos_token or "")
     return render_default(conv, tokenizer.eos_token)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from stages.args import DataArgs, EmbedArgs, GradsArgs, IndexArgs, LossArgs, ModelArgs, RunnerArgs, StoreArgs
+from stages.templates import template_special_tokens
 from stages.values import Range, bounded, check_fields, did_you_mean
 from store.errors import FlexfeedError
 
@@ -225,6 +226,13 @@ class RunConfig:
     """The config file (None for a config built in code)."""
     warnings: list[str] = field(default_factory=list)
     """Keys accepted but ignored, with why (each also logged once)."""
+
+    def __post_init__(self):
+        # the tokenizer of the data and the model of every stage and of training must agree on the
+        # template's special tokens, and the model's identity must name them: ModelArgs carries them
+        extra = [t for t in template_special_tokens(self.data.template) if t not in self.model.new_special_tokens]
+        if extra:
+            self.model.new_special_tokens = [*self.model.new_special_tokens, *extra]
 
 
 def training_fields() -> dict[str, dataclasses.Field]:

@@ -60,7 +60,7 @@ def test_group_refuses_a_bad_value_naming_the_field(group, cls, name, value):
 
 @pytest.mark.parametrize(("group", "name", "value"), [
     ("model", "lora_rank", 0), ("model", "finetuning_type", "qlora"),
-    ("data", "cutoff_len", 0), ("data", "stage", "dpo"), ("data", "template", "chatml"),
+    ("data", "cutoff_len", 0), ("data", "stage", "dpo"), ("data", "template", "chatml2"),
     ("store", "shard_rows", 10**9),
     ("flex", "update_step", 0), ("flex", "mixture_sample_rule", "mixtures"),
     ("embed", "pooling", "max"), ("loss", "batch_size", 0), ("grads", "proj_type", "sign"),
