@@ -13,7 +13,7 @@ import torch
 from accelerate import PartialState
 from transformers.trainer_utils import get_last_checkpoint
 
-from stages.data import load_data
+from stages.data import load_data, row_values
 from stages.loss import losses_of
 from stages.models import load_model
 from store.errors import FlexfeedError
@@ -114,9 +114,7 @@ def build_stages(cfg: RunConfig, seed: int, num_rows: int) -> list[PlanStage]:
     kind = cfg.flex.train_type
     if kind == "static":
         return []
-    if kind != "plan":
-        return [PlanStage(kind, build_strategy(cfg, seed), warmup_step=0, every=1)]
-    stages = []
+    stages = [] if kind == "plan" else [PlanStage(kind, build_strategy(cfg, seed), warmup_step=0, every=1)]
     for s in cfg.flex.plan:
         if not s.enabled:
             continue
@@ -126,7 +124,8 @@ def build_stages(cfg: RunConfig, seed: int, num_rows: int) -> list[PlanStage]:
                                 every=cfg.flex.update_step if s.every is None else s.every))
     for stage in stages:
         if hasattr(stage.strategy, "check"):
-            stage.strategy.check(num_rows)  # e.g. a reorder's score file: length and values, before training
+            # e.g. a reorder's score file or its rows' score field: length and values, before training
+            stage.strategy.check(num_rows, lambda name: row_values(cfg.data, name))
     return stages
 
 

@@ -5,24 +5,25 @@ or transformers key, or accepted and ignored with a one-line warning that says w
 is an error. Adding a field to a group takes precedence over this table.
 
 A DataFlex run config names a component (`component_name`) whose parameters live in a separate
-components file (`components_cfg_file`, sections `selectors`/`mixers`/`weighters`). flexfeed reads that
-entry and translates each parameter with DATAFLEX_PARAMS, with the same CompatKey rules: to a flexfeed
-component parameter, to another config key (LESS's projection settings belong to the offline `grads:`
-stage here), or accepted and ignored with a warning saying why. A parameter the table does not list
-passes through under the same name only if the flexfeed component has that parameter; anything else is
-an error.
+components file (`components_cfg_file`, sections `selectors`/`mixers`/`weighters`/`reorders`/`pipelines`).
+flexfeed reads that entry and translates each parameter with DATAFLEX_PARAMS, with the same CompatKey
+rules: to a flexfeed component parameter, to another config key (LESS's projection settings belong to
+the offline `grads:` stage here), or accepted and ignored with a warning saying why. A parameter the
+table does not list passes through under the same name only if the flexfeed component has that
+parameter; anything else is an error. Reorder presets and pipelines have tables of their own
+(pipeline.config.dataflex_plans).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.values import check_range, coerce, did_you_mean
 from store.errors import FlexfeedError
 
-from .read import parse_yaml_text
+from .read import find_file, parse_yaml_text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,11 +35,51 @@ class CompatKey:
     reason: str
     """Why the key is translated or ignored (shown in the warning and in docs/config.md)."""
     convert: Callable | None = None
-    """Turns the user's value into the target's value (raises FlexfeedError on a bad one)."""
+    """Turns the user's value into the target's value (raises FlexfeedError on a bad one); with no
+    target, only checks it."""
+    sets: dict = field(default_factory=dict)
+    """Other `group.field` targets this key fixes when present (e.g. a score file implies `score: file`)."""
+    file: bool = False
+    """The value is a path: looked up relative to the file it is written in first, then the working directory."""
 
     def translate(self, value, where: str):
         """The value to write to `target`: the user's, through `convert` when the rule has one."""
         return self.convert(value, where) if self.convert else value
+
+
+@dataclass
+class Translation:
+    """A components-file entry in flexfeed's terms: the component, its parameters, other keys, warnings."""
+
+    component: str
+    args: dict = field(default_factory=dict)
+    """The component's parameters (`component_args`)."""
+    elsewhere: dict = field(default_factory=dict)
+    """`group.key` -> value for keys of the run (`grads.proj_dim`, `loss.batch_size`, ...)."""
+    stage: dict = field(default_factory=dict)
+    """Keys of the data-plan stage running the component (`stage.every`: a factor on the stage's `every`)."""
+    warnings: list[str] = field(default_factory=list)
+
+    def apply(self, rule: CompatKey, key: str, value, where: str, source: Path | None = None) -> None:
+        """Write one DataFlex key by its rule (ignored ones, unless null, become a warning saying why)."""
+        here = f"{where}, {key!r}"
+        if rule.file and isinstance(value, str) and source is not None:
+            value = str(find_file(value, source, here))
+        value = rule.translate(value, here)
+        if rule.target is None:
+            if value is not None:
+                self.warnings.append(f"{where}: DataFlex parameter {key!r} ignored: {rule.reason}")
+            return
+        for target, item in {rule.target: value, **rule.sets}.items():
+            group, _, name = target.partition(".")
+            if target == "component":
+                self.component = item
+            elif group == "component_args":
+                self.args[name] = item
+            elif group == "stage":
+                self.stage[name] = item
+            else:
+                self.elsewhere[target] = item
 
 
 def _warmup_ratio(value, where: str):
@@ -107,6 +148,7 @@ SPECIAL_KEYS = ("components_cfg_file", "train_step")
 """DataFlex run keys handled by the loader itself rather than stored in a group."""
 
 _STORE = "the signal store keeps these results, keyed by content, so there is no cache folder"
+_SCORE_BATCH = "rows per forward pass of the loss stage (offline and live refreshes)"
 _GRADS = {
     "gradient_type": CompatKey(target="grads.grad_type", reason="gradient features are an offline stage"),
     "proj_dim": CompatKey(target="grads.proj_dim", reason="gradient features are an offline stage"),
@@ -134,7 +176,9 @@ DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
         "nice": dict(_GRADS),
         "cluster_less": {**_GRADS, **_CLUSTER},
         "cluster": {**_GRADS, **_CLUSTER},
+        "loss": {"score_batch_size": CompatKey(target="loss.batch_size", reason=_SCORE_BATCH)},
         "delta_loss": {
+            "score_batch_size": CompatKey(target="loss.batch_size", reason=_SCORE_BATCH),
             "window_size": CompatKey(reason="flexfeed's delta_loss compares with the loss `window_decisions` "
                                             "decisions ago and keeps a `top_fraction`; set those instead"),
         },
@@ -179,22 +223,30 @@ DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
 """Per (components-file section, component) DataFlex parameter -> flexfeed target or ignore reason."""
 
 
+COMPONENT_SECTIONS = (*SECTIONS.values(), "pipelines")
+"""The sections of a components file (DataFlex 1.1's); `pipelines` holds data plans."""
+
+
 def read_components_file(path: Path) -> dict:
-    """The parsed components YAML (sections selectors/mixers/weighters)."""
+    """The parsed components YAML (sections selectors/mixers/reorders/weighters/pipelines)."""
     data = parse_yaml_text(path.read_text(), str(path))
     if not isinstance(data, dict):
         raise FlexfeedError(f"components file {str(path)!r} is not a mapping",
-                            "it must have sections selectors:, mixers:, weighters:")
-    unknown = [k for k in data if k not in SECTIONS.values()]
+                            f"it must have sections {', '.join(f'{s}:' for s in COMPONENT_SECTIONS)}")
+    unknown = [k for k in data if k not in COMPONENT_SECTIONS]
     if unknown:
         raise FlexfeedError(f"components file {str(path)!r}: unknown section {unknown[0]!r}",
-                            did_you_mean(str(unknown[0]), SECTIONS.values()))
+                            did_you_mean(str(unknown[0]), COMPONENT_SECTIONS))
     return data
 
 
 def component_entry(components: dict, train_type: str, name: str, path: Path, output_dir: str | None) -> dict:
     """The `params` of `name` in the file's section for `train_type`, with ${output_dir} substituted."""
-    section = SECTIONS[train_type]
+    return section_entry(components, SECTIONS[train_type], name, path, output_dir)
+
+
+def section_entry(components: dict, section: str, name: str, path: Path, output_dir: str | None) -> dict:
+    """The `params` of entry `name` of `section`, with ${output_dir} substituted."""
     entries = components.get(section) or {}
     if name not in entries:
         raise FlexfeedError(f"components file {str(path)!r} has no {section}.{name} entry",
@@ -202,7 +254,12 @@ def component_entry(components: dict, train_type: str, name: str, path: Path, ou
     entry = entries[name] or {}
     if not isinstance(entry, dict):
         raise FlexfeedError(f"{str(path)!r}, {section}.{name} must be a mapping", "write name: and params: under it")
-    params = entry.get("params", {}) if ("params" in entry or "name" in entry) else entry
+    layout = "params" in entry or "name" in entry  # DataFlex's `name:` and `params:`, else the params themselves
+    extra = [k for k in entry if k not in ("name", "params")] if layout else []
+    if extra:
+        raise FlexfeedError(f"{str(path)!r}, {section}.{name}: unknown key {extra[0]!r}",
+                            did_you_mean(str(extra[0]), ("name", "params")))
+    params = entry.get("params", {}) if layout else entry
     if not isinstance(params or {}, dict):
         raise FlexfeedError(f"{str(path)!r}, {section}.{name}.params must be a mapping", "write key: value lines")
     return {k: _substitute(v, output_dir) for k, v in (params or {}).items()}
@@ -213,6 +270,8 @@ def _substitute(value, output_dir: str | None):
         return value.replace("${output_dir}", output_dir)
     if isinstance(value, dict):
         return {k: _substitute(v, output_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, output_dir) for v in value]
     return value
 
 
@@ -225,26 +284,15 @@ def translate_params(train_type: str, name: str, params: dict, known: set[str] |
     """
     section = SECTIONS[train_type]
     table = {**DATAFLEX_PARAMS.get(section, {}).get("*", {}), **DATAFLEX_PARAMS.get(section, {}).get(name, {})}
-    component_args: dict = {}
-    elsewhere: dict = {}
-    warnings: list[str] = []
+    out = Translation(name)
     for key, value in params.items():
         rule = table.get(key)
-        if rule is not None and rule.target is None:
-            if value is None:
-                continue
-            warnings.append(f"{where}: DataFlex parameter {key!r} ignored: {rule.reason}")
-        elif rule is not None:
-            group, _, field_name = rule.target.partition(".")
-            value = rule.translate(value, f"{where}, {key!r}")
-            if group == "component_args":
-                component_args[field_name] = value
-            else:
-                elsewhere[rule.target] = value
+        if rule is not None:
+            out.apply(rule, key, value, where)
         elif known is None or key in known:
-            component_args[key] = value
+            out.args[key] = value
         else:
             choices = sorted(known) + sorted(table)
             raise FlexfeedError(f"{where}: DataFlex parameter {key!r} of {section[:-1]} {name!r} has no flexfeed "
                                 "equivalent", did_you_mean(key, choices) if choices else "remove it")
-    return component_args, elsewhere, warnings
+    return out.args, out.elsewhere, out.warnings

@@ -21,15 +21,8 @@ from stages.values import FieldError, check_range, coerce, did_you_mean
 from store.errors import FlexfeedError
 
 from ..strategies.registry import build_params, registry_for
-from .compat import (
-    KEY_RENAMES,
-    LLAMAFACTORY_KEYS,
-    SECTIONS,
-    SPECIAL_KEYS,
-    component_entry,
-    read_components_file,
-    translate_params,
-)
+from .compat import KEY_RENAMES, LLAMAFACTORY_KEYS, SPECIAL_KEYS, read_components_file
+from .dataflex_plans import translate_entry, translate_pipeline
 from .groups import (
     FLAT_GROUPS,
     MAX_STEPS,
@@ -163,36 +156,72 @@ class _Load:
         return normalise_train_type(value, self.where("train_type"))
 
     def components_file(self) -> None:
-        """Fill component_args (and other keys) from DataFlex's components file; the config's keys win."""
+        """Fill component_args (and other keys) from DataFlex's components file; the config's keys win.
+
+        A pipeline (train_type plan, `component_name` naming a `pipelines:` entry) becomes the `plan:` stages.
+        """
         value = self.raw.get("components_cfg_file")
         train_type = self.train_type()
+        flex = self.values["flex"]
         if value is None or train_type == "static":
             return
-        component = self.values["flex"].get("component")
-        if train_type == "mix" and self.values["flex"].get("static_mix") is True:
+        component = flex.get("component")
+        if train_type == "mix" and flex.get("static_mix") is True:
             component = component or "static"
         if not isinstance(value, str) or not isinstance(component, str):
             return  # a wrong type or a missing component is reported when the groups are built
         file = find_file(value, self.path, self.where("components_cfg_file"))
-        params = component_entry(read_components_file(file), train_type, component, file,
-                                 self.values["training"].get("output_dir"))
-        known = self._param_names(train_type, component)
-        args, elsewhere, warnings = translate_params(
-            train_type, component, params, known, f"{file}, {SECTIONS[train_type]}.{component}")
-        self.warnings += warnings
-        explicit = self.values["flex"].get("component_args", {})
-        self.values["flex"]["component_args"] = {**args, **explicit}
-        for target, item in elsewhere.items():  # the run config's own keys win over the components file
+        components = read_components_file(file)
+        output_dir = self.values["training"].get("output_dir")
+        if train_type == "plan":
+            self.pipeline(components, file, component, output_dir)
+            return
+        key = "component_name" if "component_name" in self.raw else "component"
+        t = translate_entry(components, train_type, component, file, output_dir, self._param_names, self.where(key))
+        self.warnings += t.warnings
+        flex["component"] = t.component  # a reorder preset names its pattern's component
+        flex["component_args"] = {**t.args, **flex.get("component_args", {})}
+        self._set_defaults(t.elsewhere)
+        if t.stage.get("every", 1) != 1:  # reorder_every: a one-stage plan whose stage fires every k decisions
+            flex["plan"] = [{"family": train_type, "component": flex.pop("component"),
+                             "component_args": flex.pop("component_args"), "every": t.stage["every"] * self.update_step()}]
+            flex["train_type"] = "plan"
+
+    def pipeline(self, components: dict, file: Path, name: str, output_dir: str | None) -> None:
+        """DataFlex's `dynamic_lego`: the pipeline `name` of the components file as the `plan:` stages."""
+        flex = self.values["flex"]
+        key = "component_name" if "component_name" in self.raw else "component"
+        if flex.get("plan"):
+            self.fail(f"both plan: and a pipeline ({key}: {name}) are set", f"keep one: drop plan: or {key}")
+        if flex.get("component_args"):
+            self.fail(f"component_args / component_overrides set with the pipeline {name!r}",
+                      "change the stage's preset in the components file, or write the plan: stages yourself")
+        plan, t = translate_pipeline(components, name, file, output_dir, self._param_names, self.update_step())
+        del flex["component"]  # it named the pipeline
+        flex["plan"] = plan
+        self.warnings += t.warnings
+        self._set_defaults(t.elsewhere)
+
+    def _set_defaults(self, values: dict) -> None:
+        """`group.key` values from the components file, where the run config has not set the key itself."""
+        for target, item in values.items():
             group, _, name = target.partition(".")
             self.values[group].setdefault(name, item)
 
-    def _param_names(self, train_type: str, component: str) -> set[str] | None:
-        if not self.validate_component:
-            try:
-                return {f.name for f in dataclasses.fields(registry_for(train_type).resolve(component).Params)}
-            except FlexfeedError:
+    def update_step(self) -> int:
+        """The run's update_step as gathered so far (its default when unset)."""
+        value = self.values["flex"].get("update_step", FlexArgs.__dataclass_fields__["update_step"].default)
+        return coerce(value, int, self.where("update_step"))
+
+    def _param_names(self, family: str, component: str, where: str) -> set[str] | None:
+        """The component's parameter names; None when it is not installed here and components are not validated."""
+        try:
+            cls = registry_for(family).resolve(component)
+        except FlexfeedError as exc:
+            if not self.validate_component:
                 return None  # not installed here: parameters pass through unchecked
-        return {f.name for f in dataclasses.fields(self._component_class(train_type, component).Params)}
+            raise FlexfeedError(f"{where}: {exc.message}", exc.hint) from None
+        return {f.name for f in dataclasses.fields(cls.Params)}
 
     def _component_class(self, train_type: str, component: str) -> type:
         try:

@@ -13,7 +13,25 @@ import typing
 
 from stages.values import literal_choices
 
-from .compat import DATAFLEX_PARAMS, KEY_RENAMES, LLAMAFACTORY_KEYS, SPECIAL_KEYS, TRAIN_TYPE_ALIASES
+from .compat import (
+    DATAFLEX_PARAMS,
+    KEY_RENAMES,
+    LLAMAFACTORY_KEYS,
+    SPECIAL_KEYS,
+    TRAIN_TYPE_ALIASES,
+    CompatKey,
+)
+from .dataflex_plans import (
+    KIND_DEFAULTS,
+    PATTERN_DEFAULTS,
+    PATTERN_PARAMS,
+    PIPELINE_KEYS,
+    REORDER_KEYS,
+    SCORE_SOURCES,
+    STAGE_FIELDS,
+    STAGE_KEYS,
+    STAGE_TARGETS,
+)
 from .groups import FLAT_GROUPS, SECTION_GROUPS, training_fields
 
 
@@ -131,7 +149,8 @@ def _dataflex_section() -> list[str]:
         out.append(f"| `{key}` | `{target}` (merged; `component_args` wins on a clash) |"
                    if key == "component_overrides" else f"| `{key}` | `{target}` |")
     out += ["| `components_cfg_file` | the chosen component's `params` from the file's `selectors`/`mixers`/"
-            "`weighters` section, translated by the table below; the config's own keys win |",
+            "`weighters`/`reorders` section, or the chosen pipeline of its `pipelines` section (train_type "
+            "`dynamic_lego`), translated by the tables below; the config's own keys win |",
             "| `train_step` | `max_steps` (0 means unset) |",
             "| `update_times: -1` | `update_times: null` (decide until the end) |",
             "| `static_mix: true` (mix) | component `static`, proportions from `mixture_sample_rule` and "
@@ -150,7 +169,62 @@ def _dataflex_section() -> list[str]:
             for key, rule in params.items():
                 target = f"`{rule.target.removeprefix('flex.')}`" if rule.target else "ignored"
                 out.append(f"| {section} | `{comp}` | `{key}` | {target} | {_cell(rule.reason)} |")
-    out += ["", f"Keys handled by the loader itself: {', '.join(f'`{k}`' for k in SPECIAL_KEYS)}."]
+    out += ["", *_reorder_tables(), "", *_pipeline_tables(),
+            "", f"Keys handled by the loader itself: {', '.join(f'`{k}`' for k in SPECIAL_KEYS)}."]
+    return out
+
+
+def _becomes(rule: CompatKey) -> str:
+    if rule.target is None:
+        return "ignored (a warning says why)" if rule.convert is None else "checked, then no effect"
+    if rule.target == "component_args":
+        return "component parameters (table below)"
+    if rule.target.startswith("stage."):
+        return f"its plan stage's `{rule.target.removeprefix('stage.')}` (a factor)"
+    sets = "".join(f", `{t.removeprefix('component_args.')}: {v}`" for t, v in rule.sets.items())
+    return f"`{rule.target.removeprefix('component_args.').removeprefix('flex.')}`{sets}"
+
+
+def _reorder_tables() -> list[str]:
+    out = ["### Reorder presets (`reorders:`, train_type `dynamic_reorder` or a pipeline stage)", "",
+           "A preset's `pattern` is the flexfeed reorder component; its other keys become that component's "
+           "parameters (or other keys) as shown. DataFlex's defaults apply where the preset leaves a key out: "
+           + "; ".join(f"kind {kind}: " + ", ".join(f"`{k}: {v}`" for k, v in d.items())
+                       for kind, d in KIND_DEFAULTS.items()) + ". `kind` falls back to the preset's name, as "
+           "in DataFlex. `live` is true only for a dynamic preset scoring by `model_loss`. Any other key is an "
+           "error.", "",
+           "| key | becomes | why |", "|---|---|---|"]
+    out += [f"| `{key}` | {_becomes(rule)} | {_cell(rule.reason)} |" for key, rule in REORDER_KEYS.items()]
+    out += ["", "`score_source` and its `score_params`:", "",
+            "| score_source | flexfeed `score` | score_params key | becomes | why |", "|---|---|---|---|---|"]
+    for name, src in SCORE_SOURCES.items():
+        defaults = ", ".join(f"`{k}: {v}`" for k, v in src.defaults.items())
+        out.append(f"| `{name}` | `{src.score}` | | {defaults or 'nothing else'} by default | {_cell(src.reason)} |")
+        out += [f"| | | `{key}` | {_becomes(rule)} | {_cell(rule.reason)} |" for key, rule in src.params.items()]
+    out += ["", "`pattern_params` (a key the pattern does not take is an error; DataFlex's defaults where "
+            "flexfeed's differ: " + "; ".join(f"{p} " + ", ".join(f"`{k}: {v}`" for k, v in d.items())
+                                             for p, d in PATTERN_DEFAULTS.items()) + "):", "",
+            "| key | becomes | why |", "|---|---|---|"]
+    out += [f"| `{key}` | {_becomes(rule)} | {_cell(rule.reason)} |" for key, rule in PATTERN_PARAMS.items()]
+    out += ["", "Paths (`score_path`, `cache_path`) are looked up relative to the components file first, then "
+            "the working directory."]
+    return out
+
+
+def _pipeline_tables() -> list[str]:
+    out = ["### Pipelines (`pipelines:`, train_type `dynamic_lego`)", "",
+           "`component_name` names a pipeline; it becomes `train_type: plan` with one `plan:` stage per enabled "
+           "entry of its `stages` (a disabled one is left out unread). A stage's "
+           + ", ".join(f"`{k}`" for k in STAGE_FIELDS) + " keep their meaning (family `selector`, `mixer`, "
+           "`reorder`, `weighter`; `component` is a preset of that family's section, translated as above). A "
+           "preset parameter that would set the run's " + ", ".join(f"`{t.removeprefix('flex.')}`" for t in STAGE_TARGETS)
+           + " (ODM's `warmup_steps`) sets its stage's " + ", ".join(f"`{n}`" for n in STAGE_TARGETS.values())
+           + " instead, unless the stage sets it; a reorder's "
+           "`reorder_every` k multiplies its stage's `every`. Run keys two presets set differently are an error. "
+           "Stages out of the order select -> mix -> reorder are an error (DataFlex re-sorts them).", "",
+           "| pipeline or stage key | becomes | why |", "|---|---|---|"]
+    out += [f"| `{key}` | {_becomes(rule)} | {_cell(rule.reason)} |" for key, rule in PIPELINE_KEYS.items()]
+    out += [f"| `stages[].{key}` | {_becomes(rule)} | {_cell(rule.reason)} |" for key, rule in STAGE_KEYS.items()]
     return out
 
 
