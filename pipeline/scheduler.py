@@ -138,6 +138,10 @@ class Scheduler:
             return np.empty(0, dtype=np.int64)
         step = self.windows.start_step(w)
         firing = [s for s in self.stages if self.windows.is_decision(w) and s.due(step)] if self.stages else []
+        budget = self.budget
+        if (budget is not None and budget.family == "reorder" and budget not in firing and not self.stream.ready
+                and budget.due(step) and not any(n.live for n in budget.strategy.needs())):
+            firing.append(budget)  # a curriculum on fixed scores needs no model state: it orders from its start
         record = {"window": w, "step": step, "kind": self.kind, "decision": bool(firing)}
         t0 = time.perf_counter()
         ctx = self.make_context(step, w) if firing else None

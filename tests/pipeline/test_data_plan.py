@@ -135,12 +135,13 @@ def test_a_draw_after_a_filter_selects_inside_the_pool():
 
 
 def test_a_reorder_without_a_budget_stage_orders_the_pool_over_the_rest_of_the_run():
-    # 12 steps x 4 = 48 samples; the reorder fires at step 2 (sample 8): 40 samples left = one pass of 40 rows
+    # fixed scores (loss = row id): the curriculum starts with the run; 12 steps x 4 = 48 samples are one
+    # pass over the 40 rows, then a pass over 8 rows drawn from the pool, each sorted, nothing cut or replayed
     s = _scheduler([PlanStage("reorder", REORDERS.build("sorting", {"score": "loss"}))], warmup=2, update=100)
-    plans = _windows(s)
-    served = np.concatenate(plans[1:])
-    assert served.tolist() == list(range(N))  # loss = row id: ascending, each row once
-    assert sum(p.size for p in plans) == 48
+    served = np.concatenate(_windows(s))
+    assert served.size == 48
+    assert served[:40].tolist() == list(range(N))
+    assert served[40:].tolist() == sorted(served[40:].tolist()) and len(set(served[40:])) == 8
 
 
 def test_a_live_resort_fills_the_rest_of_the_pass_with_fresh_ranks():
@@ -155,13 +156,13 @@ def test_a_live_resort_fills_the_rest_of_the_pass_with_fresh_ranks():
 
     s = _scheduler([PlanStage("reorder", REORDERS.build("sorting", {"score": "loss"}), every=4)], warmup=2, update=4,
                    max_steps=12, signals=Shifting())
-    plans = _windows(s)
-    served = np.concatenate(plans[1:])
-    # first firing at step 2 serves rows 0..15 (4 steps x 4) in ascending order; the second at step 6 re-ranks
-    # the 24 rows left by the reversed scores: 39 down to 16
-    assert served[:16].tolist() == list(range(16))
-    assert served[16:].tolist() == list(range(39, 15, -1))
-    assert sorted(served.tolist()) == list(range(N))
+    served = np.concatenate(_windows(s))
+    # fixed-score reorders start with the run: the first scoring (ascending) lays out the pass at step 0 and
+    # serves rows 0..23 until step 6 (6 steps x 4); the second, at step 6, re-ranks the 16 rows left by the
+    # reversed scores (39 down to 24); the last 8 samples are a second pass over 8 rows, also by the new ranks
+    assert served[:24].tolist() == list(range(24))
+    assert served[24:40].tolist() == list(range(39, 23, -1))
+    assert served[40:].tolist() == sorted(served[40:].tolist(), reverse=True) and len(set(served[40:])) == 8
 
 
 def test_a_reorder_after_the_budget_stage_orders_each_window():
