@@ -20,9 +20,7 @@ from pipeline.scheduler import PlanStage, Scheduler
 from pipeline.stage_job import run_stage_job
 from pipeline.strategies import MIXERS, REORDERS, SELECTORS, WEIGHTERS, InMemorySignals
 from pipeline.train import train
-from pipeline.trainer import FlexfeedTrainer
 from store.errors import FlexfeedError
-from tests.helpers.run_fixtures import make_run_dir
 
 GOLDEN = Path(__file__).parent / "data" / "plan_golden.json"
 GOLDEN_CASES = {
@@ -35,28 +33,6 @@ GOLDEN_CASES = {
     "weight_loss": ["train_type=weight", "component=loss", "component_args.strategy=quadratic"],
     "static": ["train_type=static"],
 }
-
-
-@pytest.fixture(scope="module")
-def run_cfg(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("plan_run")
-    path = make_run_dir(root, tiny_checkpoint)
-    run_stage_job(load_config(path), "all", progress=False)
-    return path, root
-
-
-@pytest.fixture
-def seen_rows(monkeypatch):
-    seen: list[list[int]] = []
-    original = FlexfeedTrainer.compute_loss
-
-    def recording(self, model, inputs, *args, **kwargs):
-        if model.training and "row_id" in inputs:
-            seen.append(inputs["row_id"].tolist())
-        return original(self, model, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(FlexfeedTrainer, "compute_loss", recording)
-    return seen
 
 
 def _decisions(out: Path) -> list[dict]:

@@ -27,7 +27,6 @@ from pipeline.config.dataflex_plans import (
 from pipeline.stage_job import run_stage_job
 from pipeline.strategies import REORDERS
 from pipeline.strategies.reorders import read_score_file
-from pipeline.trainer import FlexfeedTrainer
 from stages.data import load_data, row_values
 from stages.models import load_tokenizer
 from store.errors import FlexfeedError
@@ -237,21 +236,6 @@ def run_root(tiny_checkpoint, tmp_path_factory):
     run_stage_job(cfg, "all", progress=False)
     write_components(root)
     return root
-
-
-@pytest.fixture
-def seen_rows(monkeypatch):
-    """The row ids of each training batch, in order."""
-    seen: list[list[int]] = []
-    original = FlexfeedTrainer.compute_loss
-
-    def recording(self, model, inputs, *args, **kwargs):
-        if model.training and "row_id" in inputs:
-            seen.append(inputs["row_id"].tolist())
-        return original(self, model, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(FlexfeedTrainer, "compute_loss", recording)
-    return seen
 
 
 def flexfeed_train(root: Path, out: Path, dataflex: str) -> list[dict]:

@@ -19,17 +19,8 @@ from pipeline.stage_job import run_stage_job
 from pipeline.train import train
 from stages.grads.stage import GradsStage
 from store.errors import FlexfeedError
-from tests.helpers.run_fixtures import make_run_dir
 
 PROJ_DIM = 64
-
-
-@pytest.fixture(scope="module")
-def run_cfg(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("live")
-    path = make_run_dir(root, tiny_checkpoint)
-    run_stage_job(load_config(path), "all", progress=False)  # embed and loss (no gradient selector named)
-    return path, root
 
 
 @pytest.fixture(scope="module")
