@@ -2,45 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from stages.args import GradsArgs, ModelArgs
 from stages.batching import pad_batch
 from stages.grads import AdamPreconditioner, GradsStage, build_projector, compute_features, load_adam_state
 from stages.grads.stage import grads_stages
 from store.errors import FlexfeedError
+from tests.helpers.checkpoints import trainer_checkpoints
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoint, tmp_path_factory):
     """Two Trainer-style LoRA checkpoints (adapter, optimizer.pt, trainer_state.json) of one short run."""
-    from stages.models import load_model
-
     margs = ModelArgs(model_name_or_path=str(tiny_checkpoint), lora_rank=4, lora_target="q_proj,v_proj,down_proj")
-    torch.manual_seed(0)
-    model = load_model(margs, trainable=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": params}, {"params": []}], lr=1e-3)
-    gen = torch.Generator().manual_seed(2)
-    rows = [torch.randint(5, model.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 5, 12)]
-    out = []
-    for step, lr in ((1, 1e-3), (2, 5e-4)):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad()
-        model(**pad_batch(rows)).loss.backward()
-        opt.step()
-        ckpt = tmp_path_factory.mktemp(f"checkpoint-{step}")
-        model.save_pretrained(ckpt)
-        torch.save(opt.state_dict(), ckpt / "optimizer.pt")
-        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step,
-                                                             "log_history": [{"learning_rate": lr, "step": step}]}))
-        out.append(str(ckpt))
+    out = [str(c) for c in trainer_checkpoints(margs, lambda step: tmp_path_factory.mktemp(f"checkpoint-{step}"),
+                                               data_seed=2)]
     return margs, out
 
 

@@ -15,21 +15,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import store.hashing as hashing
 from pipeline.cli import main
 from stages.args import DataArgs, EmbedArgs, GradsArgs, LossArgs, ModelArgs, RunnerArgs
-from stages.batching import pad_batch
 from stages.data import load_data
 from stages.embed import EmbedStage
 from stages.grads.stage import GradsStage
 from stages.loss import LossStage
-from stages.models import load_model, load_tokenizer
+from stages.models import load_tokenizer
 from stages.runner import run_stage
 from store.hashing import canonical_json, file_digest
 from store.store import Store
+from tests.helpers.checkpoints import trainer_checkpoints
 from tests.helpers.run_fixtures import make_run_dir
 from tests.helpers.store_helpers import make_store, snapshot
 
@@ -41,26 +40,7 @@ SHARD_ROWS = 8
 def _trainer_checkpoints(model_dir: Path, run_dir: Path) -> list[Path]:
     """Two LoRA checkpoints of a short AdamW run, laid out as the Trainer saves them."""
     margs = ModelArgs(model_name_or_path=str(model_dir), lora_rank=4, lora_target="q_proj,v_proj")
-    torch.manual_seed(0)
-    model = load_model(margs, trainable=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": params}, {"params": []}], lr=1e-3)
-    gen = torch.Generator().manual_seed(1)
-    rows = [torch.randint(5, model.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 5, 12)]
-    out = []
-    for step, lr in ((1, 1e-3), (2, 5e-4)):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad()
-        model(**pad_batch(rows)).loss.backward()
-        opt.step()
-        ckpt = run_dir / f"checkpoint-{step}"
-        model.save_pretrained(ckpt)  # its adapter_config.json records the model's folder
-        torch.save(opt.state_dict(), ckpt / "optimizer.pt")
-        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step,
-                                                             "log_history": [{"learning_rate": lr, "step": step}]}))
-        out.append(ckpt)
-    return out
+    return trainer_checkpoints(margs, lambda step: run_dir / f"checkpoint-{step}", data_seed=1)
 
 
 def _write_data(data_dir: Path) -> None:
