@@ -1,8 +1,9 @@
 """`make demo`: the whole pipeline on an embedded corpus, ending in report.html and summary.json.
 
 Everything is made here: a multi-domain corpus from the Python installation, a tokenizer trained on
-it, a tiny Llama warmed up on it, then the offline stages into a store and one training run per
-strategy. A second run reuses the corpus, the models and every stored signal (and says so).
+it, a tiny Llama warmed up on it, then the offline stages into a store, one training run per
+strategy and one composed data plan. A second run reuses the corpus, the models and every stored
+signal (and says so).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from demo.corpus import DOMAINS, build_corpus, corpus_texts
 from demo.tiny import build_tiny_llama, train_tokenizer
 from pipeline.config import load_config
+from pipeline.plan_record import filter_pools, served_order, stage_labels
 from pipeline.report import write_report
-from pipeline.run_files import DECISIONS_FILE
+from pipeline.run_files import DECISIONS_FILE, load_run
 from pipeline.stage_job import run_stage_job
 from pipeline.train import train
 
@@ -51,7 +54,16 @@ SIZES = {
                       lora_steps=40, train_steps=30, update_step=10),
 }
 
-# (run name, key=value overrides): one training run per strategy
+# The composed run's data plan (docs/plan.md): the loss filter keeps half the rows by the live loss; odm
+# draws each window from that pool; saw orders each window's rows by the reference model's stored loss
+# (fixed during the run, so read once: `every` beyond any demo run; every window is still ordered by it);
+# the loss weighter reweights each batch.
+PLAN = ("[{family: select, component: loss, mode: filter, keep_ratio: 0.5},"
+        " {family: mix, component: odm},"
+        " {family: reorder, component: saw, every: 1000000, component_args: {score: ref_loss}},"
+        " {family: weight, component: loss, component_args: {strategy: linupper}}]")
+
+# (run name, key=value overrides): one training run per strategy, then one composed plan
 RUNS = [
     ("static", ["train_type=static"]),
     ("select_random", ["train_type=select", "component=random"]),
@@ -60,6 +72,7 @@ RUNS = [
     ("mix_doremi", ["train_type=mix", "component=doremi", "component_args.reweight_eta=1.0"]),
     ("mix_odm", ["train_type=mix", "component=odm"]),
     ("weight_loss", ["train_type=weight", "component=loss", "component_args.strategy=linupper"]),
+    ("plan", ["train_type=plan", f"plan={PLAN}"]),
 ]
 
 
@@ -165,7 +178,39 @@ def target_share(run_dir: Path, domain: str = TARGET_DOMAIN) -> float:
     return chosen / max(1, total)
 
 
-def summarise(out: Path, summaries: dict, recomputed: int) -> dict:
+def plan_figures(run_dir: Path, num_rows: int) -> dict:
+    """What the composed run's stages did: the filter's pool, the mixer's weights, the order, the weights."""
+    run = load_run(run_dir)
+    pools = [p for ps in filter_pools(run).values() for p in ps]
+    order = served_order(run)
+    windows = _order_by_window(run, order)
+    weights = np.concatenate([np.asarray(r["weights"], dtype=float) for r in run.weights])
+    return {
+        "stages": " -> ".join(stage_labels(run)),
+        "train_rows": num_rows,
+        "filter_pool": [p.rows for p in pools],
+        "last_pool_per_domain": pools[-1].per_domain if pools else {},
+        "final_weights": run.run.get("final_weights"),
+        # median score (the stored ref_loss) of the served rows at each window's first and last step
+        "order_first_step_median": round(float(np.mean([q[0, 2] for q in windows])), 4),
+        "order_last_step_median": round(float(np.mean([q[-1, 2] for q in windows])), 4),
+        "order_windows": len(windows),
+        "weight_mean": round(float(weights.mean()), 4),
+        "weight_min": round(float(weights.min()), 4),
+        "weight_max": round(float(weights.max()), 4),
+    }
+
+
+def _order_by_window(run, order) -> list[np.ndarray]:
+    """The order's per-step quantiles cut at the decision steps (one array per window)."""
+    if order is None:
+        return []
+    starts = sorted({int(d["step"]) for d in run.decisions if d.get("decision")})
+    cuts = np.searchsorted(order.steps, starts[1:])
+    return [q for q in np.split(order.quantiles, cuts) if len(q)]
+
+
+def summarise(out: Path, summaries: dict, recomputed: int, num_rows: int) -> dict:
     runs = out / "runs"
     summary = {
         "target_domain": TARGET_DOMAIN,
@@ -173,6 +218,7 @@ def summarise(out: Path, summaries: dict, recomputed: int) -> dict:
         "final_weights": {k: summaries[f"mix_{k}"].get("final_weights") for k in ("doremi", "odm")},
         "val_loss": {name: s.get("eval_loss") for name, s in summaries.items()},
         "recomputed_shards": recomputed,
+        "plan": plan_figures(runs / "plan", num_rows),
     }
     static = summary["val_loss"]["static"] or {}
     summary["val_loss_vs_static"] = {
@@ -196,10 +242,24 @@ def findings(summary: dict) -> list[str]:
     val = f"{dom}_val"
     if diffs:
         out.append(f"Validation loss on {dom} against static: " + ", ".join(
-            f"{run} {d[val]:+.3f}" for run, d in diffs.items() if val in d) + " (negative is better).")
+            f"{run} {d[val]:+.3f}" for run, d in diffs.items() if val in d and run != "plan") + " (negative is better).")
+    if summary.get("plan"):
+        out.append(plan_finding(summary["plan"], diffs.get("plan", {}).get(val), dom))
     out.append("Offline stages recomputed " + (f"{summary['recomputed_shards']} shards." if summary["recomputed_shards"]
                                                  else "nothing: every signal came from the store."))
     return out
+
+
+def plan_finding(plan: dict, val_diff: float | None, dom: str) -> str:
+    """The composed run in one sentence: what each of its stages did."""
+    pools = "/".join(map(str, sorted(set(plan["filter_pool"]))))
+    weights = ", ".join(f"{d} {v:.2f}" for d, v in (plan.get("final_weights") or {}).items())
+    val = f"; validation loss on {dom} {val_diff:+.3f} against static" if val_diff is not None else ""
+    return (f"Composed plan ({plan['stages']}): the loss filter kept {pools} of {plan['train_rows']} rows at each "
+            f"of its {len(plan['filter_pool'])} firings; odm ended with {weights}; saw served each of "
+            f"{plan['order_windows']} windows from a median ref_loss of {plan['order_first_step_median']:.2f} at its "
+            f"first step to {plan['order_last_step_median']:.2f} at its last; sample weights averaged "
+            f"{plan['weight_mean']:.2f} (range {plan['weight_min']:.2f} to {plan['weight_max']:.2f}){val}.")
 
 
 def run_demo(out_dir: str | Path = "demo_out", size: str = "full") -> dict:
@@ -215,13 +275,14 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "full") -> dict:
     warmup_lora(out, sz)
     recomputed = run_stages(out)
     summaries = train_runs(out, sz)
-    summary = summarise(out, summaries, recomputed)
+    summary = summarise(out, summaries, recomputed, num_rows=len(DOMAINS) * sz.rows_per_domain)
     html = write_report([str(out / "runs" / name) for name, _ in RUNS], out_dir=str(out), stores=[str(out / "store")])
     share = summary["target_share"]
     say(f"target domain {TARGET_DOMAIN}: share {share['random']:.0%} under random selection, "
         f"{share['less']:.0%} under less, {share['near']:.0%} under near")
     for k, w in summary["final_weights"].items():
         say(f"{k} final domain weights: " + ", ".join(f"{d} {v:.2f}" for d, v in (w or {}).items()))
+    say(next(f for f in summary["findings"] if f.startswith("Composed plan")))
     say(f"report: {html}  ({time.perf_counter() - t0:.0f} s in all)")
     return summary
 

@@ -18,6 +18,7 @@ import numpy as np
 from store.errors import FlexfeedError
 from store.maintenance import human_bytes
 
+from .plan_record import filter_pools, fired_steps, served_order, stage_labels
 from .run_files import RunData, load_run, read_json_object
 
 REPORT_FILE = "report.html"
@@ -93,8 +94,8 @@ def _proportion_series(run: RunData) -> tuple[list[int], dict[str, list[float]]]
 
 
 def plot_proportions(runs: list[RunData], out_dir: Path) -> Path | None:
-    """Stacked domain proportions over steps, one subplot per mixing run."""
-    series = [(r, *_proportion_series(r)) for r in runs if r.kind == "mix"]
+    """Stacked domain proportions over steps, one subplot per run with a mixer taking the budget."""
+    series = [(r, *_proportion_series(r)) for r in runs if r.kind in ("mix", "plan")]
     series = [s for s in series if s[1]]
     if not series:
         return None
@@ -114,8 +115,8 @@ def plot_proportions(runs: list[RunData], out_dir: Path) -> Path | None:
 
 
 def plot_mix_losses(runs: list[RunData], out_dir: Path) -> Path | None:
-    """Mean training loss per domain as the mixer saw it, one subplot per mixing run."""
-    runs = [r for r in runs if r.kind == "mix" and r.mix]
+    """Mean training loss per domain as the mixer saw it, one subplot per run with a mixer."""
+    runs = [r for r in runs if r.kind in ("mix", "plan") and r.mix]
     if not runs:
         return None
     fig, axes = _figure(ncols=len(runs), width=5.5)
@@ -159,6 +160,58 @@ def plot_selection(runs: list[RunData], out_dir: Path) -> Path | None:
         ax.set(title=f"Selected rows by domain: {run.label}", xlabel="window (@ first step)", ylabel="rows")
         ax.legend(fontsize=8)
     return _save(fig, out_dir, "selection.png")
+
+
+def plot_filter(runs: list[RunData], out_dir: Path) -> Path | None:
+    """Bars of the rows each filter stage kept at each firing (by domain where recorded), one subplot per run."""
+    runs = [(r, pools) for r in runs if (pools := filter_pools(r))]
+    if not runs:
+        return None
+    fig, axes = _figure(ncols=len(runs), width=5.5)
+    for ax, (run, pools) in zip(axes[0], runs, strict=True):
+        bars = [(label, p) for label, ps in pools.items() for p in ps]
+        names = run.domains or sorted({n for _, p in bars for n in p.per_domain})
+        colors = _colors(names)
+        x = np.arange(len(bars))
+        if all(p.per_domain for _, p in bars):
+            bottom = np.zeros(len(bars))
+            for name in names:
+                vals = np.asarray([float(p.per_domain.get(name, 0)) for _, p in bars])
+                ax.bar(x, vals, bottom=bottom, color=colors[name], label=name)
+                bottom += vals
+            ax.legend(fontsize=8, loc="upper center", ncols=min(3, len(names)))
+        else:
+            ax.bar(x, [p.rows for _, p in bars], color="tab:gray")
+        for i, (_, p) in enumerate(bars):
+            ax.annotate(str(p.rows), (x[i], p.rows), ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, max(p.rows for _, p in bars) * 1.45)  # room for the counts and the legend
+        ax.set_xticks(x, [f"{label}\n@{p.step}" if len(pools) > 1 else f"@{p.step}" for label, p in bars],
+                      fontsize=7)
+        ax.set(title=f"Rows kept by the filter: {run.label}", xlabel="decision (@ step)", ylabel="rows in the pool")
+    return _save(fig, out_dir, "filter.png")
+
+
+def plot_order(runs: list[RunData], out_dir: Path) -> Path | None:
+    """The scores of the served rows along the step axis (median, quartiles, range), one subplot per reorder run."""
+    runs = [(r, order) for r in runs if (order := served_order(r)) is not None]
+    if not runs:
+        return None
+    fig, axes = _figure(ncols=len(runs), width=6.0)
+    for ax, (run, order) in zip(axes[0], runs, strict=True):
+        q = order.quantiles
+        # a step's rows are trained together: each step's band spans [step, step + 1)
+        xs = np.repeat(np.asarray(order.steps, dtype=float), 2) + np.tile([0.0, 1.0], len(order.steps))
+        band = {k: np.repeat(q[:, k], 2) for k in range(q.shape[1])}
+        ax.fill_between(xs, band[0], band[4], color="tab:purple", alpha=0.15, label="min - max", linewidth=0)
+        ax.fill_between(xs, band[1], band[3], color="tab:purple", alpha=0.35, label="quartiles", linewidth=0)
+        ax.plot(xs, band[2], color="tab:purple", linewidth=1.2, label="median")
+        for step in sorted({int(d.get("step", 0)) for d in run.decisions if d.get("decision")}):
+            ax.axvline(step, color="#888", linestyle=":", linewidth=0.8)
+        ax.set(title=f"Order served by {order.stage}: {run.label}", xlabel="optimizer step",
+               ylabel="score of the step's rows")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out_dir, "order.png")
 
 
 def plot_weights(runs: list[RunData], out_dir: Path) -> Path | None:
@@ -275,11 +328,47 @@ def _image(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def _component(run: RunData) -> str:
+    if run.kind == "plan":
+        return " -> ".join(stage_labels(run))
+    return run.run.get("component") or ""
+
+
 def _runs_table(runs: list[RunData]) -> str:
-    rows = [[r.path.name, r.kind, r.run.get("component") or "", r.run.get("steps"), r.run.get("train_loss"),
+    rows = [[r.path.name, r.kind, _component(r), r.run.get("steps"), r.run.get("train_loss"),
              r.run.get("global_batch"), ", ".join(r.domains), r.run.get("final_weights") or ""] for r in runs]
     return _table(["run", "train_type", "component", "steps", "train loss", "global batch", "domains",
                    "final weights"], rows)
+
+
+def _stage_result(run: RunData, label: str) -> str:
+    """One line on what a stage did, from what the run recorded."""
+    family = label.split(":", 1)[0]
+    if family == "select" and (pools := filter_pools(run).get(label)):
+        return "kept " + ", ".join(str(p.rows) for p in pools) + " rows"
+    if family == "mix":
+        props = [d["proportions"] for d in run.decisions if d.get("proportions")]
+        return "last proportions " + _fmt(props[-1]) if props else ""
+    if family == "reorder" and (order := served_order(run)) is not None:
+        med = order.quantiles[:, 2]
+        return (f"served scores over steps {int(order.steps[0])}-{int(order.steps[-1])}: median "
+                f"{np.nanmin(med):.4g} to {np.nanmax(med):.4g}")
+    if family == "weight" and run.weights:
+        w = np.concatenate([np.asarray(r.get("weights") or [], dtype=float) for r in run.weights])
+        return f"weights (every weight stage multiplied): mean {w.mean():.4g}, min {w.min():.4g}, max {w.max():.4g}"
+    return ""
+
+
+def _plan_table(runs: list[RunData]) -> str | None:
+    rows = []
+    for r in runs:
+        if r.kind != "plan":
+            continue
+        for label, steps in fired_steps(r).items():
+            rows.append([r.path.name, label, ", ".join(map(str, steps)) or "never", _stage_result(r, label)])
+    if not rows:
+        return None
+    return _table(["run", "stage", "fired at steps", "what it did"], rows)
 
 
 def _refresh_table(runs: list[RunData]) -> str | None:
@@ -349,10 +438,15 @@ def _page(sections: list[Section]) -> str:
 PLOTS = (
     ("Training loss", plot_losses, "Training loss logged by the trainer at each logging step; lower is better. "
      "Runs on the same data and model can be compared directly."),
+    ("Rows kept by the filter", plot_filter, "Rows a data plan's filter stage kept in the pool at each of its "
+     "firings, stacked by domain; the later stages draw, order and weight rows of this pool only."),
     ("Domain proportions", plot_proportions, "Share of each domain in the batches of each mixing run; a "
      "proportion holds from the decision step that set it until the next decision."),
     ("Per-domain loss seen by the mixer", plot_mix_losses, "Mean training loss of each domain's samples in "
      "the batches the mixer observed; the signal that online mixers react to."),
+    ("Order of the served rows", plot_order, "Score (the reorder's ranking signal) of the rows each optimizer "
+     "step trained on: median line, quartile band and min-max band; dotted lines mark decisions. A reorder "
+     "inside the windows restarts its pattern at each window; one that takes the budget spans the run."),
     ("Selected samples by domain", plot_selection, "Rows planned for each window of a selecting run, "
      "stacked by domain; 'new' marks windows where the selector made a fresh decision."),
     ("Sample weights", plot_weights, "Left: distribution of all per-sample weights. Right: each sample's "
@@ -371,6 +465,10 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, stores=()) -> 
     out.mkdir(parents=True, exist_ok=True)
     sections = [s for s in [_summary_section(out)] if s]
     sections.append(Section("Runs", _runs_table(runs)))
+    plan = _plan_table(runs)
+    if plan:
+        sections.append(Section("Data plan", "<p>Each stage of a composed plan, the decision steps it fired at "
+                                "(the others reuse what it decided last) and what it did.</p>" + plan))
     for title, plot, caption in PLOTS:
         png = plot(runs, out)
         if png is not None:

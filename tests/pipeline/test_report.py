@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from pipeline.config import load_config
+from pipeline.plan_record import filter_pools, fired_steps, served_order, step_quantiles
 from pipeline.report import write_report
+from pipeline.run_files import load_run
+from pipeline.state_io import load_state
+from pipeline.train import train
 from store.errors import FlexfeedError
 from store.store import Store
+from tests.helpers.run_fixtures import make_run_dir
 
 DOMAINS = ["alpha_dom", "beta_dom"]
 
@@ -147,3 +153,101 @@ def test_single_store_path_and_bad_inputs(tmp_path):
     (run / "flexfeed_decisions.jsonl").write_text('{"window": 0}\n{"window": 1, \n')
     with pytest.raises(FlexfeedError, match="line 2"):
         write_report([str(run)])
+
+
+# ---------------------------------------------------------------- a composed data plan, trained for real
+
+@pytest.fixture(scope="module")
+def plan_runs(tiny_checkpoint, tmp_path_factory):
+    """A tiny composed run (filter by loss -> odm -> sorting reorder -> loss weights) and a reorder that
+    takes the budget, both sorting by a static score file (row i scores SCORES[i])."""
+    root = tmp_path_factory.mktemp("plan_report")
+    base = make_run_dir(root, tiny_checkpoint).read_text()
+    np.save(root / "scores.npy", SCORES)
+    score = f"{{score: file, score_path: {root / 'scores.npy'}}}"
+    configs = {
+        # the score is static: the reorder reads it once (every: beyond the run) and orders every window by it
+        "plan": f"""train_type: plan
+plan:
+  - {{family: select, component: loss, mode: filter, keep_ratio: 0.5}}
+  - {{family: mix, component: odm}}
+  - {{family: reorder, component: sorting, every: 1000, component_args: {score}}}
+  - {{family: weight, component: loss, component_args: {{strategy: linupper}}}}
+""",
+        "reorder": f"train_type: reorder\ncomponent: sorting\ncomponent_args: {score}\n",
+    }
+    out = {}
+    for name, text in configs.items():
+        path = root / f"{name}.yaml"
+        path.write_text(base.replace(f"output_dir: {root}/out", f"output_dir: {root / name}")
+                        + "warmup_step: 4\nupdate_step: 4\n" + text)
+        train(load_config(path))
+        out[name] = root / name
+    return out
+
+
+SCORES = np.random.default_rng(5).permutation(64).astype(float) / 8  # 64 train rows in the fixture
+
+
+def _served_quantiles(run_dir: Path, first_step: int) -> list[list[float]]:
+    """Per-step quantiles of the file scores of the rows each trained window held, from the saved plans."""
+    state = load_state(run_dir)
+    plans = [np.asarray(state["plans"][w]) for w in sorted(state["plans"], key=int)]
+    served = np.concatenate(plans)[first_step * 4 : 12 * 4]  # 12 steps of 4 rows
+    return step_quantiles(SCORES[served], 4)
+
+
+def test_report_draws_a_composed_plan(plan_runs, tmp_path):
+    page = write_report([str(plan_runs["plan"]), str(plan_runs["reorder"])], str(tmp_path)).read_text()
+    for title in ("Data plan", "Rows kept by the filter", "Domain proportions", "Order of the served rows",
+                  "Sample weights", "Per-domain loss seen by the mixer"):
+        assert f"<h2>{title}" in page
+    assert {"filter.png", "order.png", "mix_proportions.png", "weights.png"} <= {f.name for f in tmp_path.glob("*.png")}
+    run = load_run(plan_runs["plan"])
+    assert "select:loss(filter) -&gt; mix:odm -&gt; reorder:sorting -&gt; weight:loss" in page  # the runs table
+
+    # the filter's pool: what the decisions recorded, half of 64 rows, at steps 4 and 8
+    recorded = [(d["step"], f["pool"]) for d in run.decisions for f in d.get("filter", [])]
+    pools = filter_pools(run)["select:loss(filter)"]
+    assert [(p.step, p.rows) for p in pools] == recorded == [(4, 32), (8, 32)]
+    assert all(sum(p.per_domain.values()) == 32 for p in pools)
+    assert "kept 32, 32 rows" in page
+    assert fired_steps(run)["reorder:sorting"] == [4] and fired_steps(run)["mix:odm"] == [4, 8]
+
+    # the order: each window's rows ascending by the file's score, restarting at each window
+    order = served_order(run)
+    assert order.steps.tolist() == list(range(4, 12))  # from the saved state, or the records' order entries
+    np.testing.assert_allclose(order.quantiles, _served_quantiles(plan_runs["plan"], 4))
+    for window in (order.quantiles[:4], order.quantiles[4:]):
+        assert all(a[4] <= b[0] for a, b in zip(window[:-1], window[1:]))  # a step's max <= the next one's min
+
+    # weights: one weight stage (linupper) from its warmup_step (the run's, 4), each batch's averaging 1
+    assert [r["step"] for r in run.weights] == list(range(4, 12))
+    assert all(abs(np.mean(r["weights"]) - 1) < 1e-4 for r in run.weights)
+    assert "weights (every weight stage multiplied): mean 1," in page
+
+
+def test_report_draws_a_reorder_that_takes_the_budget_over_the_run(plan_runs):
+    order = served_order(load_run(plan_runs["reorder"]))
+    # fixed scores: from the run's start, one sorted pass of 48 of the 64 rows over the 12 steps
+    assert order.stage == "reorder:sorting" and order.steps.tolist() == list(range(12))
+    np.testing.assert_allclose(order.quantiles, _served_quantiles(plan_runs["reorder"], 0))
+    med = order.quantiles[:, 2]
+    assert (np.diff(med) >= 0).all() and all(a[4] <= b[0] for a, b in zip(order.quantiles[:-1], order.quantiles[1:]))
+
+
+def test_an_order_recorded_in_the_decisions_is_drawn_as_recorded(tmp_path):
+    run = _run(tmp_path / "runs" / "saw", "plan", None)
+    stages = [{"stage": "mix:odm", "fired": True}, {"stage": "reorder:saw", "fired": True}]
+    _jsonl(run / "flexfeed_decisions.jsonl", [
+        {"window": 0, "step": 0, "kind": "plan", "decision": False, "per_domain": {"alpha_dom": 8, "beta_dom": 8}},
+        *({"window": w, "step": 4 * w - 2, "kind": "plan", "decision": True, "stages": stages,
+           "per_domain": {"alpha_dom": 8, "beta_dom": 8},
+           "order": {"stage": "reorder:saw", "score_q": [[w, w + 1, w + 2, w + 3, w + 4], [w + 5] * 5]}}
+          for w in (1, 2))])
+    order = served_order(load_run(run))
+    assert order.source == "decisions" and order.steps.tolist() == [2, 3, 6, 7]
+    assert order.quantiles[:, 2].tolist() == [3, 6, 4, 7]
+    page = write_report([str(run)], str(tmp_path / "out")).read_text()
+    assert "<h2>Order of the served rows" in page and "<h2>Data plan" in page
+    assert "median 3 to 7" in page

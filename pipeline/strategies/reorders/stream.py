@@ -9,7 +9,8 @@ each position of the pass serves (for `sorting`, rank i at position i; for `fold
 sweeps). Rows are then placed by their scores' ranks. When the reorder fires again with fresh scores
 (e.g. the live loss), the rows of the current pass that were not served yet are re-ranked and placed
 into the remaining slots in rank order, and later passes are re-placed the same way: the pattern is
-realised over the whole run, not restarted from its head at each re-score.
+realised over the whole run, not restarted from its head at each re-score. Each slot keeps the score its
+row was placed by, so what a run served can be drawn along the step axis (`flexfeed report`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import numpy as np
 from ...plan import rng_for
 
 
-def _place(rows: np.ndarray, scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Rows at their slots: the slot with the k-th smallest target gets the row of the k-th smallest score."""
-    ranked = rows[np.argsort(scores, kind="stable")]
+def _place(rows: np.ndarray, scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (and their scores) at their slots: the slot with the k-th smallest target gets the row of the
+    k-th smallest score."""
+    by_score = np.argsort(scores, kind="stable")
     slot_rank = np.empty(targets.size, dtype=np.int64)
     slot_rank[np.argsort(targets, kind="stable")] = np.arange(targets.size)
-    return ranked[slot_rank]
+    return rows[by_score][slot_rank], scores[by_score][slot_rank]
 
 
 class CurriculumStream:
@@ -37,7 +39,8 @@ class CurriculumStream:
         self.origin: int | None = None
         self.rows: np.ndarray | None = None
         self.pool: np.ndarray | None = None
-        self.passes: list[dict] = []  # {"start": sample offset, "rows": pass rows in slot order, "targets": ranks}
+        # {"start": sample offset, "rows": pass rows in slot order, "targets": ranks, "scores": each row's score}
+        self.passes: list[dict] = []
 
     @property
     def ready(self) -> bool:
@@ -57,9 +60,10 @@ class CurriculumStream:
                 new_rows.append(p["rows"])
                 continue
             done = max(0, offset - p["start"])
-            served, rest = p["rows"][:done], p["rows"][done:]
-            p["rows"] = np.concatenate([served, _place(rest, np.asarray(scores_of(rest), dtype=np.float64),
-                                                       p["targets"][done:])])
+            rows, scores = _place(p["rows"][done:], np.asarray(scores_of(p["rows"][done:]), dtype=np.float64),
+                                  p["targets"][done:])
+            p["rows"] = np.concatenate([p["rows"][:done], rows])
+            p["scores"] = np.concatenate([p["scores"][:done], scores])
             new_rows.append(p["rows"])
         self.rows = np.concatenate(new_rows) if new_rows else np.empty(0, dtype=np.int64)
 
@@ -72,7 +76,8 @@ class CurriculumStream:
             rows = pool if length == pool.size else np.sort(rng_for(seed, 800, k).choice(pool, length, replace=False))
             ranks = np.arange(length)
             targets = np.asarray(order(ranks, ranks.astype(np.float64), int(rng_for(seed, 801, k).integers(2**31))))
-            self.passes.append({"start": start, "rows": rows.copy(), "targets": targets})
+            self.passes.append({"start": start, "rows": rows.copy(), "targets": targets,
+                                "scores": np.full(length, np.nan)})
             start += length
             k += 1
 
@@ -83,6 +88,12 @@ class CurriculumStream:
         if out.size != count:
             raise ValueError(f"the reorder stream covers samples up to {self.total}, asked for {offset + count}")
         return out
+
+    def score_slice(self, offset: int, count: int) -> np.ndarray:
+        """The scores the rows of samples [offset, offset + count) were placed by (NaN: not recorded)."""
+        i = offset - self.origin
+        scores = np.concatenate([p["scores"] for p in self.passes]) if self.passes else np.empty(0)
+        return scores[i : i + count]
 
     def state_dict(self) -> dict:
         if not self.ready:
@@ -95,6 +106,9 @@ class CurriculumStream:
             return
         self.origin = int(state["origin"])
         self.pool = np.asarray(state["pool"], dtype=np.int64)
-        self.passes = [{k: (np.asarray(v, dtype=np.int64) if k != "start" else int(v)) for k, v in p.items()}
+        self.passes = [{"start": int(p["start"]), "rows": np.asarray(p["rows"], dtype=np.int64),
+                        "targets": np.asarray(p["targets"], dtype=np.int64),
+                        # checkpoints written before scores were kept: unknown, not zero
+                        "scores": np.asarray(p.get("scores", np.full(len(p["rows"]), np.nan)), dtype=np.float64)}
                        for p in state["passes"]]
         self.rows = np.concatenate([p["rows"] for p in self.passes]) if self.passes else np.empty(0, dtype=np.int64)
