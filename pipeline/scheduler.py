@@ -22,6 +22,7 @@ from store.errors import FlexfeedError
 
 from .config.groups import TRAIN_TYPES
 from .plan import Windows, draw_by_proportions, permutation_slice, rng_for
+from .plan_record import step_quantiles
 from .strategies import DecisionContext, Strategy
 from .strategies.pool_view import pool_context
 from .strategies.reorders.stream import CurriculumStream
@@ -148,6 +149,9 @@ class Scheduler:
         pool_changed = self._filter(ctx, firing, record)
         plan = self._budget(ctx, firing, w, n, pool_changed, record)
         plan = self._window_order(ctx, firing, w, plan)
+        served = self._served_scores(w, plan)
+        if served is not None:  # what the report draws: the served rows' scores along the steps
+            record["order"] = {"stage": served[0], "score_q": step_quantiles(served[1], self.windows.global_batch)}
         for stage in self.loss_stages():
             if stage in firing and stage.family == "weight":
                 stage.strategy.update(ctx)
@@ -245,6 +249,17 @@ class Scheduler:
         if self.order_scores is None:
             return plan
         return stage.strategy.order(plan, self.order_scores[plan], int(rng_for(self.seed, 600, w).integers(2**31)))
+
+    def _served_scores(self, w: int, plan: np.ndarray) -> tuple[str, np.ndarray] | None:
+        """The reorder that ordered window w and the score of each of its rows, or None (no order yet)."""
+        inside = next((s for s in self.stages_of("reorder") if s is not self.budget), None)
+        if inside is not None and self.order_scores is not None:
+            return inside.label, self.order_scores[plan]
+        budget = self.budget
+        if (budget is not None and budget.family == "reorder" and self.stream.ready
+                and self._offset(w) >= self.stream.origin):
+            return budget.label, self.stream.score_slice(self._offset(w), plan.size)
+        return None
 
     def proportions_of_window(self, w: int) -> np.ndarray | None:
         """The proportions window w was drawn with (mix runs), or None when not recorded."""
