@@ -123,14 +123,27 @@ def _union_order(arg) -> int:
     return order.get(arg, 3 if arg is not str else 4)
 
 
+def yaml_bool_choice(value, allowed):
+    """YAML 1.1 reads `no`/`off`/`yes`/`on` as booleans: for a string choice that is one of those words, the
+    word back (e.g. eval_strategy: no); any other value unchanged."""
+    if not isinstance(value, bool):
+        return value
+    allowed = {str(a) for a in allowed if a is not None}
+    return next((w for w in (("yes", "on", "true") if value else ("no", "off", "false")) if w in allowed), value)
+
+
 def _coerce_union(value, annotation, where: str):
     args = typing.get_args(annotation)
     if value is None and type(None) in args:
         return None
-    if literal_choices(annotation) is not None:
+    choices = literal_choices(annotation)
+    if choices is not None:
+        value = yaml_bool_choice(value, choices)
         check_choice(value, annotation, where)
         return value
     enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+    if enums and isinstance(value, bool):
+        value = yaml_bool_choice(value, [m.value for m in enums[0]])
     if enums and isinstance(value, str):  # `SchedulerType | str`: the string must still name a member
         return coerce(value, enums[0], where)
     first_error = None
@@ -151,6 +164,7 @@ def coerce(value, annotation, where: str):
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(value, annotation, where)
     if origin is typing.Literal:
+        value = yaml_bool_choice(value, typing.get_args(annotation))
         check_choice(value, annotation, where)
         return value
     if annotation is typing.Any or annotation is object:
@@ -175,6 +189,7 @@ def coerce(value, annotation, where: str):
         return value
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         allowed = [m.value for m in annotation]
+        value = yaml_bool_choice(value, allowed)
         if isinstance(value, annotation):
             return value.value
         if value not in allowed:

@@ -251,3 +251,18 @@ def test_string_numbers_and_lists(tmp_path):
                                       "learning_rate: 1e-4\nnum_train_epochs: 2\nlora_target: q_proj,v_proj\n"))
     assert cfg.training["learning_rate"] == 1e-4 and cfg.training["num_train_epochs"] == 2.0
     assert cfg.data.dataset == ["a", "b"] and cfg.model.lora_target in ("q_proj,v_proj", ["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize("override", [None, "eval_strategy=no"])
+def test_yaml_booleans_are_their_words_for_a_string_choice(tmp_path, override):
+    """YAML 1.1 reads `no` as false: a key whose choices are strings gets the word back, in a file or a key=value."""
+    text = yaml.safe_dump(BASE) + ("eval_strategy: no\nsave_strategy: no\n" if override is None else "")
+    cfg = load_config(write(tmp_path, text), [override] if override else [])
+    assert cfg.training["eval_strategy"] == "no"
+    if override is None:
+        assert cfg.training["save_strategy"] == "no"
+
+
+def test_a_yaml_boolean_is_still_refused_where_it_is_no_choice(tmp_path):
+    with pytest.raises(FlexfeedError, match="mixture_sample_rule"):
+        load_config(write(tmp_path, yaml.safe_dump(BASE)), ["mixture_sample_rule=no"])
