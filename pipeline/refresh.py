@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -141,9 +141,6 @@ class Refresher:
     run_id: str = ""
     live_state: Callable[[str], object] | None = None
     """Named live training state a stage's definition reads (`adam_state`), e.g. from the Trainer."""
-    counts: dict = field(default_factory=dict)
-    passes: dict = field(default_factory=dict)
-    """Per signal name, the shards computed by this rank (the gradient passes a refresh costs)."""
 
     def _sync(self) -> None:
         if self.barrier is not None:
@@ -169,11 +166,10 @@ class Refresher:
         self._sync()
         info = {"stale": len(todo), "recomputed_here": len(mine), "seconds": round(time.perf_counter() - t0, 3),
                 "source": "live"}
-        self.counts[sig.name] = self.counts.get(sig.name, 0) + len(todo)
         return info, sig
 
     def _state_for(self, stage) -> dict:
-        keys = stage.live_state_keys() if hasattr(stage, "live_state_keys") else ()
+        keys = stage.live_state_keys()
         if keys and self.live_state is None:
             raise FlexfeedError(f"signal {stage.signal().name!r} is defined by live training state {list(keys)}",
                                 "refresh it from inside a training run")
@@ -197,7 +193,6 @@ class Refresher:
                 start, stop = sig.shard_range(shard)
                 values = live.compute(data.rows(start, stop))
                 sig.write_shard(shard, values, version=step, model=f"live@{step}", lock_timeout_s=600)
-                self.passes[sig.name] = self.passes.get(sig.name, 0) + 1
 
     def compute_rows(self, stage, rows: dict) -> np.ndarray:
         """The stage's values for the given rows at the live state (every rank computes the same rows)."""
@@ -359,8 +354,8 @@ class StoreSignals:
                 done = set(sig.committed_shards())
                 if all(int(s) in done for s in np.unique(rows // sig.shard_rows)):
                     values = sig.read_rows(rows)
-                else:
-                    values = _offline_rows(stage, batch)
+                else:  # the offline stage on these rows alone (its model loads once: routes live as long as the run)
+                    values = stage.compute(batch)
             out.append((self._meta(route, stage), np.asarray(values, dtype=np.float32)))
             self.log.setdefault("probe_rows", {})[route.label] = int(rows.size)
         return out
@@ -368,9 +363,3 @@ class StoreSignals:
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         sig = self._signals(name, split)[-1][1]
         return load_index(sig).search(queries, k)
-
-
-def _offline_rows(stage, batch: dict) -> np.ndarray:
-    """The offline stage's values for a few rows, computed in this process (its model loads once per run:
-    the route's stage objects live as long as the run)."""
-    return stage.compute(batch)

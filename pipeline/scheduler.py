@@ -93,6 +93,8 @@ class Scheduler:
         self.stages = stages
         self.budget = check_stages(stages)
         self.strategy = stages[0].strategy if len(stages) == 1 else strategy
+        # a reorder after the budget stage orders each window (one with no budget stage before it is the budget)
+        self.window_reorder = next((s for s in stages if s.family == "reorder" and s is not self.budget), None)
         self.windows = windows
         self.domain_ids = np.asarray(domain_ids, dtype=np.int64)
         self.domain_names = list(domain_names)
@@ -210,7 +212,7 @@ class Scheduler:
             return plan
         if budget.family == "reorder":
             if ctx is not None and (budget in firing or pool_changed):
-                rows = self.pool if self.pool is not None else np.arange(self.num_rows)
+                rows = self._pool_rows()
                 self.stream.refill(self._offset(w), rows, lambda r: budget.strategy.scores(ctx, r),
                                    budget.strategy.order, self.seed)
                 record["reorder"] = {"stage": budget.label, "rows": int(rows.size), "from_sample": self._offset(w)}
@@ -221,7 +223,7 @@ class Scheduler:
         decide = budget in firing
         if decide:
             sel = budget.strategy.select(pool_context(ctx, self.pool), n)
-            base = self.pool if self.pool is not None else np.arange(self.num_rows)
+            base = self._pool_rows()
             self.last_selection = base[_check_rows(sel.indices, base.size, budget.strategy.name)]
             record["info"] = _jsonable(sel.info)
         if self.last_selection is None:  # warm-up window: uniform
@@ -230,18 +232,22 @@ class Scheduler:
         local = permutation_slice(len(pool), self.seed, 0 if decide else self._offset(w), n, stream=500 + w)
         return pool[local]
 
+    def _pool_rows(self) -> np.ndarray:
+        """The rows later stages see: the filtered pool, or every row."""
+        return self.pool if self.pool is not None else np.arange(self.num_rows)
+
     def _budget_uniform(self, w: int, n: int) -> np.ndarray:
         if self.pool is None:
             return permutation_slice(self.num_rows, self.seed, self._offset(w), n)
         return self.pool[permutation_slice(self.pool.size, self.seed, self._offset(w), n, stream=300)]
 
     def _domain_rows(self) -> list[np.ndarray]:
-        rows = np.arange(self.num_rows) if self.pool is None else self.pool
+        rows = self._pool_rows()
         return [rows[self.domain_ids[rows] == k] for k in range(len(self.domain_names))]
 
     def _window_order(self, ctx, firing: list[PlanStage], w: int, plan: np.ndarray) -> np.ndarray:
         """A reorder after the budget stage orders the window's rows by its latest scores."""
-        stage = next((s for s in self.stages_of("reorder") if s is not self.budget), None)
+        stage = self.window_reorder
         if stage is None:
             return plan
         if stage in firing:
@@ -252,9 +258,8 @@ class Scheduler:
 
     def _served_scores(self, w: int, plan: np.ndarray) -> tuple[str, np.ndarray] | None:
         """The reorder that ordered window w and the score of each of its rows, or None (no order yet)."""
-        inside = next((s for s in self.stages_of("reorder") if s is not self.budget), None)
-        if inside is not None and self.order_scores is not None:
-            return inside.label, self.order_scores[plan]
+        if self.window_reorder is not None and self.order_scores is not None:
+            return self.window_reorder.label, self.order_scores[plan]
         budget = self.budget
         if (budget is not None and budget.family == "reorder" and self.stream.ready
                 and self._offset(w) >= self.stream.origin):

@@ -122,10 +122,8 @@ def build_stages(cfg: RunConfig, seed: int, num_rows: int) -> list[PlanStage]:
         stages.append(PlanStage(s.family, strategy, mode=s.mode, keep_ratio=s.keep_ratio,
                                 warmup_step=cfg.flex.warmup_step if s.warmup_step is None else s.warmup_step,
                                 every=cfg.flex.update_step if s.every is None else s.every))
-    for stage in stages:
-        if hasattr(stage.strategy, "check"):
-            # e.g. a reorder's score file or its rows' score field: length and values, before training
-            stage.strategy.check(num_rows, lambda name: row_values(cfg.data, name))
+    for stage in stages:  # e.g. a reorder's score file or its rows' score field: length and values
+        stage.strategy.check(num_rows, lambda name: row_values(cfg.data, name))
     return stages
 
 

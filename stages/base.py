@@ -45,6 +45,10 @@ class Stage:
         """Rows (columns `input_ids`, `labels`, `text`, `domain`) -> array of shape (len, [dim])."""
         raise NotImplementedError
 
+    def live_state_keys(self) -> tuple[str, ...]:
+        """Live training state a refresh must bind (e.g. `adam_state`); none by default."""
+        return ()
+
     def model_version(self) -> tuple[int, str]:
         """(step, model id) recorded with each committed shard."""
         return 0, ""

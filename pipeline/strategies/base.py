@@ -70,6 +70,10 @@ class Strategy:
         """Signals read at decisions (default: none)."""
         return []
 
+    def check(self, num_rows: int, row_field=None) -> None:
+        """Refuse inputs the strategy reads from outside the store (e.g. a score file) before training starts;
+        `row_field(name)` gives the raw train rows' field `name` in row order. Default: nothing to check."""
+
     def state_dict(self) -> dict:
         """Everything needed to resume identically (numpy arrays allowed)."""
         return {}

@@ -38,6 +38,7 @@ class CurriculumStream:
         self.total = int(total_samples)
         self.origin: int | None = None
         self.rows: np.ndarray | None = None
+        self.scores: np.ndarray | None = None  # the score each sample's row was placed by (NaN: not placed)
         self.pool: np.ndarray | None = None
         # {"start": sample offset, "rows": pass rows in slot order, "targets": ranks, "scores": each row's score}
         self.passes: list[dict] = []
@@ -53,19 +54,20 @@ class CurriculumStream:
         same_pool = self.ready and self.pool is not None and np.array_equal(self.pool, np.sort(pool))
         if not same_pool:
             self._lay_out(offset, pool, order, seed)
-        new_rows = []
         for p in self.passes:
-            end = p["start"] + p["rows"].size
-            if end <= offset:
-                new_rows.append(p["rows"])
+            if p["start"] + p["rows"].size <= offset:
                 continue
             done = max(0, offset - p["start"])
             rows, scores = _place(p["rows"][done:], np.asarray(scores_of(p["rows"][done:]), dtype=np.float64),
                                   p["targets"][done:])
             p["rows"] = np.concatenate([p["rows"][:done], rows])
             p["scores"] = np.concatenate([p["scores"][:done], scores])
-            new_rows.append(p["rows"])
-        self.rows = np.concatenate(new_rows) if new_rows else np.empty(0, dtype=np.int64)
+        self._join()
+
+    def _join(self) -> None:
+        """The passes as one stream of rows and scores (what windows slice)."""
+        self.rows = np.concatenate([p["rows"] for p in self.passes]) if self.passes else np.empty(0, dtype=np.int64)
+        self.scores = np.concatenate([p["scores"] for p in self.passes]) if self.passes else np.empty(0)
 
     def _lay_out(self, offset: int, pool: np.ndarray, order, seed: int) -> None:
         """Passes from `offset` to the end of the budget, each with its slots fixed by the pattern."""
@@ -92,8 +94,7 @@ class CurriculumStream:
     def score_slice(self, offset: int, count: int) -> np.ndarray:
         """The scores the rows of samples [offset, offset + count) were placed by (NaN: not recorded)."""
         i = offset - self.origin
-        scores = np.concatenate([p["scores"] for p in self.passes]) if self.passes else np.empty(0)
-        return scores[i : i + count]
+        return self.scores[i : i + count]
 
     def state_dict(self) -> dict:
         if not self.ready:
@@ -102,13 +103,12 @@ class CurriculumStream:
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
-            self.origin, self.rows, self.passes, self.pool = None, None, [], None
+            self.origin, self.rows, self.scores, self.passes, self.pool = None, None, None, [], None
             return
         self.origin = int(state["origin"])
         self.pool = np.asarray(state["pool"], dtype=np.int64)
         self.passes = [{"start": int(p["start"]), "rows": np.asarray(p["rows"], dtype=np.int64),
                         "targets": np.asarray(p["targets"], dtype=np.int64),
-                        # checkpoints written before scores were kept: unknown, not zero
-                        "scores": np.asarray(p.get("scores", np.full(len(p["rows"]), np.nan)), dtype=np.float64)}
+                        "scores": np.asarray(p["scores"], dtype=np.float64)}
                        for p in state["passes"]]
-        self.rows = np.concatenate([p["rows"] for p in self.passes]) if self.passes else np.empty(0, dtype=np.int64)
+        self._join()
