@@ -20,10 +20,11 @@ import numpy as np
 
 from store.errors import FlexfeedError
 
+from .config import RunConfig
 from .config.groups import TRAIN_TYPES
 from .plan import Windows, draw_by_proportions, permutation_slice, rng_for
 from .plan_record import step_quantiles
-from .strategies import DecisionContext, Strategy
+from .strategies import DecisionContext, Strategy, registry_for
 from .strategies.pool_view import pool_context
 from .strategies.reorders.stream import CurriculumStream
 
@@ -53,6 +54,21 @@ class PlanStage:
     @property
     def label(self) -> str:
         return f"{self.family}:{self.strategy.name}" + (f"({self.mode})" if self.family == "select" else "")
+
+
+def configured_stages(cfg: RunConfig, seed: int) -> list[PlanStage]:
+    """The config's data plan: its enabled `plan:` stages, one stage for a one-family train_type, none if static."""
+    kind = cfg.flex.train_type
+    if kind == "static":
+        return []
+    if kind != "plan":
+        strategy = registry_for(kind).build(cfg.flex.component, cfg.flex.component_args, seed=seed)
+        return [PlanStage(kind, strategy, warmup_step=0, every=1)]
+    return [PlanStage(s.family, registry_for(s.family).build(s.component, s.component_args, seed=seed),
+                      mode=s.mode, keep_ratio=s.keep_ratio,
+                      warmup_step=cfg.flex.warmup_step if s.warmup_step is None else s.warmup_step,
+                      every=cfg.flex.update_step if s.every is None else s.every)
+            for s in cfg.flex.plan if s.enabled]
 
 
 def check_stages(stages: list[PlanStage]) -> PlanStage | None:

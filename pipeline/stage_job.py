@@ -11,8 +11,9 @@ from store.store import Store
 
 from .config import RunConfig
 from .prepared import Prepared, prepare
+from .scheduler import configured_stages
 from .signal_stages import stages_for
-from .strategies import SignalNeed, registry_for
+from .strategies import SignalNeed
 
 STAGES = ("embed", "loss", "grads", "index")
 
@@ -47,16 +48,7 @@ def run_stage_job(cfg: RunConfig, which: str, *, progress: bool = True, prepared
 
 def component_needs(cfg: RunConfig) -> list[SignalNeed]:
     """What the configured components declare they read: the component's, or every enabled plan stage's."""
-    kind = cfg.flex.train_type
-    if kind == "static":
-        return []
-    if kind == "plan":
-        specs = [(s.family, s.component, s.component_args) for s in cfg.flex.plan if s.enabled]
-    elif cfg.flex.component:
-        specs = [(kind, cfg.flex.component, cfg.flex.component_args)]
-    else:
-        return []
-    return [need for family, name, args in specs for need in registry_for(family).build(name, args, seed=0).needs()]
+    return [need for stage in configured_stages(cfg, seed=0) for need in stage.strategy.needs()]
 
 
 def gradient_signals(cfg: RunConfig, *, everything: bool = False) -> list[tuple[str, str]]:

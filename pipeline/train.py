@@ -34,9 +34,9 @@ from .run_files import (
     rank_file,
     write_jsonl,
 )
-from .scheduler import PlanStage, Scheduler
+from .scheduler import PlanStage, Scheduler, configured_stages
 from .state_io import load_state, save_state
-from .strategies import SignalNeed, Strategy, registry_for
+from .strategies import SignalNeed
 from .trainer import FlexfeedCallback, FlexfeedTrainer, FlexRun
 
 
@@ -53,16 +53,6 @@ def ensure_dist_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
-
-def build_strategy(cfg: RunConfig, seed: int) -> Strategy | None:
-    """The configured component (None for a static run)."""
-    kind = cfg.flex.train_type
-    if kind == "static":
-        return None
-    if not cfg.flex.component:
-        raise FlexfeedError(f"train_type {kind} needs a component", "set `component:` (e.g. less, doremi, loss)")
-    return registry_for(kind).build(cfg.flex.component, cfg.flex.component_args, seed=seed)
 
 
 def initial_proportions(cfg: RunConfig, domain_ids: np.ndarray, k: int) -> np.ndarray:
@@ -110,18 +100,8 @@ def step_budget(args, num_rows: int) -> int:
 
 
 def build_stages(cfg: RunConfig, seed: int, num_rows: int) -> list[PlanStage]:
-    """The data plan's stages: the `plan:` list, or one stage for a one-family train_type."""
-    kind = cfg.flex.train_type
-    if kind == "static":
-        return []
-    stages = [] if kind == "plan" else [PlanStage(kind, build_strategy(cfg, seed), warmup_step=0, every=1)]
-    for s in cfg.flex.plan:
-        if not s.enabled:
-            continue
-        strategy = registry_for(s.family).build(s.component, s.component_args, seed=seed)
-        stages.append(PlanStage(s.family, strategy, mode=s.mode, keep_ratio=s.keep_ratio,
-                                warmup_step=cfg.flex.warmup_step if s.warmup_step is None else s.warmup_step,
-                                every=cfg.flex.update_step if s.every is None else s.every))
+    """The data plan's stages, with what each reads from outside the store checked before training."""
+    stages = configured_stages(cfg, seed)
     for stage in stages:  # e.g. a reorder's score file or its rows' score field: length and values
         stage.strategy.check(num_rows, lambda name: row_values(cfg.data, name))
     return stages
