@@ -164,12 +164,14 @@ for _which, _doc in (
 @one_line_errors
 def train(config, overrides, local_rank):
     """Train with dynamic selection, mixing or weighting from CONFIG (key=value overrides)."""
+    from .train import end_process_group
     from .train import train as run_train
 
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
     summary = run_train(_load(config, overrides))
+    end_process_group()  # the command ends the process: the group the run started ends with it
     click.echo(f"trained {summary['steps']} steps ({summary['train_type']}), output in {summary['output_dir']}")
 
 

@@ -70,6 +70,15 @@ def initial_proportions(cfg: RunConfig, domain_ids: np.ndarray, k: int) -> np.nd
     return np.full(k, 1.0 / k)
 
 
+def end_process_group() -> None:
+    """At the end of a training process: every rank waits for the others, then the process group is destroyed,
+    so no rank exits while another still talks to it (a rank leaving gloo threads behind can abort at exit)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def training_arguments(cfg: RunConfig):
     """TrainingArguments of the run; under DeepSpeed without a GPU, a gloo process group set up first."""
     changes: dict = {"remove_unused_columns": False}  # row ids and domains ride along in each batch
