@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -38,6 +39,8 @@ from .scheduler import PlanStage, Scheduler, configured_stages
 from .state_io import load_state, save_state
 from .strategies import SignalNeed
 from .trainer import FlexfeedCallback, FlexfeedTrainer, FlexRun
+
+log = logging.getLogger("flexfeed.train")
 
 
 def _free_port() -> int:
@@ -82,6 +85,12 @@ def end_process_group() -> None:
 def training_arguments(cfg: RunConfig):
     """TrainingArguments of the run; under DeepSpeed without a GPU, a gloo process group set up first."""
     changes: dict = {"remove_unused_columns": False}  # row ids and domains ride along in each batch
+    mixed = [k for k in ("bf16", "fp16") if cfg.training.get(k)]
+    if mixed and not torch.cuda.is_available() and not cfg.training.get("use_cpu"):
+        # transformers refuses bf16/fp16 without a GPU unless told to train on the CPU, where torch's
+        # autocast runs them; a config written for a GPU (every DataFlex example) then runs here too
+        log.warning("no GPU here: training on the CPU with %s autocast (use_cpu: true)", mixed[0])
+        changes["use_cpu"] = True
     if cfg.training.get("deepspeed"):
         ensure_dist_env()
         if not torch.cuda.is_available():
