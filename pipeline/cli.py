@@ -6,6 +6,7 @@ pay for torch, transformers and zarr, which the training and stage modules load 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -15,9 +16,37 @@ import click
 
 from store.errors import FlexfeedError
 
+# what a user interrupting each command keeps, and how to go on (the stage and store commands' by default)
+INTERRUPTED = {
+    "train": "interrupted; committed shards and saved checkpoints are kept, rerun with "
+             "resume_from_checkpoint=true to continue from the last checkpoint",
+}
+INTERRUPTED_DEFAULT = "interrupted; committed shards are kept, rerun to continue"
+
+
+def os_error_line(exc: BaseException) -> str | None:
+    """One line for a file system refusal a user can fix (full disk, read-only, no permission); None otherwise."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # the OSError may be the cause of what reached us
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            return (f"no space left on the device{where} (free space: `flexfeed store gc STORE` removes the debris "
+                    "of interrupted writes; or point store:/output_dir at another disk; committed shards are kept, "
+                    "rerun to continue)")
+        if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return (f"cannot write to a read-only file system{where} (reading a complete store needs no write "
+                    "access; to compute or refresh signals, copy the store to a writable folder and point "
+                    "`store:` at it)")
+        if isinstance(exc, PermissionError):
+            return f"permission denied: {exc.filename or exc} (run as a user who may write there, or use another folder)"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
 
 def one_line_errors(fn):
-    """Turn a FlexfeedError into one clear line on stderr and exit status 2."""
+    """Turn a FlexfeedError, a full or read-only disk, or Ctrl-C into one clear line on stderr (exit 2, or 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -25,6 +54,16 @@ def one_line_errors(fn):
             return fn(*args, **kwargs)
         except FlexfeedError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            ctx = click.get_current_context(silent=True)
+            click.echo(INTERRUPTED.get(ctx.info_name if ctx else "", INTERRUPTED_DEFAULT), err=True)
+            sys.exit(130)
+        except (OSError, RuntimeError) as exc:  # torch reports a failed checkpoint write as a RuntimeError
+            line = os_error_line(exc)
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -86,27 +125,48 @@ def _sources_lines(signals: list[dict]) -> list[str]:
 @click.argument("path")
 @one_line_errors
 def store_verify(path):
-    """Recompute every committed shard's checksum; exit 1 naming each bad shard."""
+    """Check every header, commit record and shard checksum; exit 1 naming each problem (`bad:` lines)."""
     from tqdm import tqdm
 
-    from store.maintenance import verify
-    from store.store import Store
+    from store.maintenance import num_records, verify_path
 
-    st = Store.open(path)
-    total = sum(len(s.records()) for s in st.signals())
+    total = num_records(path)
     with tqdm(total=total, unit="shard", desc="verify", disable=total < 8) as bar:
-        report = verify(st, progress=lambda: bar.update(1))
+        report = verify_path(path, progress=lambda: bar.update(1))
     for problem in report.problems:
         click.echo(f"bad: {problem}", err=True)
     click.echo(f"verified {report.checked} shards: {'ok' if report.ok else f'{len(report.problems)} bad'}")
+    if not report.ok and any(f.paths for f in report.findings):
+        click.echo(f"run `flexfeed store repair {path}` to set the damaged files aside; the next "
+                   "`flexfeed stage all CONFIG` recomputes them", err=True)
     sys.exit(0 if report.ok else 1)
+
+
+@store.command("repair")
+@click.argument("path")
+@one_line_errors
+def store_repair(path):
+    """Move what verify reports (damaged records, shards, signal headers) under quarantine/, for stage all to redo."""
+    from store.repair import repair
+
+    report = repair(path)
+    for f in report.moved:
+        click.echo(f"set aside: {f}")
+    for f in report.busy:
+        click.echo(f"busy: {f} (a writer holds it now; rerun repair once it is done)", err=True)
+    if report.moved:
+        click.echo(f"moved {len(report.moved)} items to {report.folder} (note.txt says why); "
+                   "run `flexfeed stage all CONFIG` to recompute them")
+    elif not report.busy:
+        click.echo("nothing to repair: verify finds no damage")
+    sys.exit(1 if report.busy else 0)
 
 
 @store.command("gc")
 @click.argument("path")
 @one_line_errors
 def store_gc(path):
-    """Remove uncommitted debris (interrupted writes, orphan signals, stale indexes)."""
+    """Remove uncommitted debris (interrupted writes, orphan signals, stale indexes); works on a full disk."""
     from store.maintenance import gc, human_bytes
     from store.store import Store
 

@@ -16,3 +16,11 @@ class StoreError(FlexfeedError):
 
 class LockBusy(StoreError):
     """Another writer holds the lock of a shard."""
+
+
+class DamagedFile(StoreError):
+    """A store file that cannot be read or holds wrong fields; ``path`` names it."""
+
+    def __init__(self, message: str, hint: str | None, path):
+        self.path = path
+        super().__init__(message, hint)

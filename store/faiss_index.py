@@ -55,7 +55,7 @@ def index_status(sig: Signal) -> str:
         return "none"
     try:
         state = json.loads(meta.read_text()).get("state")
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):  # unreadable, not UTF-8 or JSON, not an object: rebuild it
         return "stale"
     return "fresh" if state == sig.state_hash() else "stale"
 

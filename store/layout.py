@@ -20,6 +20,8 @@ LOCKS_DIR = "locks"
 INDEX_DIR = "index"
 INDEX_LOCK = "index.lock"
 STAGE_LOG = "stage_log.jsonl"
+QUARANTINE_DIR = "quarantine"
+DTYPES = ("float16", "float32")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _KEY_RE = re.compile(r"^[0-9a-f]{8,64}$")

@@ -13,10 +13,12 @@ from .errors import LockBusy
 class FileLock:
     """Exclusive advisory lock on a file; ``timeout_s=0`` fails at once when busy."""
 
-    def __init__(self, path: str | os.PathLike, timeout_s: float = 0.0, what: str = "shard"):
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 0.0, what: str = "shard", note_pid: bool = True):
         self.path = Path(path)
         self.timeout_s = timeout_s
         self.what = what
+        self.note_pid = note_pid
+        """Write the holder's pid into the file (for people); gc does not, so it runs on a full disk."""
         self._fd: int | None = None
 
     def acquire(self) -> FileLock:
@@ -35,9 +37,14 @@ class FileLock:
                         "wait for that writer to finish, or pass a lock timeout to wait for it",
                     ) from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        if self.note_pid:
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except BaseException:
+                self.release()
+                raise
         return self
 
     def release(self) -> None:

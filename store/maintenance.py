@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import is_temp_debris
-from .errors import LockBusy
+from .errors import LockBusy, StoreError
 from .faiss_index import index_status
 from .hashing import checksum_array
 from .layout import (
@@ -17,11 +19,14 @@ from .layout import (
     INDEX_DIR,
     INDEX_LOCK,
     LOCKS_DIR,
+    QUARANTINE_DIR,
     SIGNAL_META,
     SIGNALS_DIR,
+    STORE_META,
     shard_file,
 )
 from .locks import FileLock
+from .manifest import StoreMeta
 from .store import Store
 
 
@@ -67,50 +72,104 @@ def info(store: Store, current_version: int | None = None, max_staleness: int | 
             "flexfeed_version": m.flexfeed_version, "bytes": dir_bytes(store.root), "signals": signals}
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One problem `verify` found: what is bad, why, and the files `repair` sets aside for it."""
+
+    what: str
+    why: str
+    paths: tuple[Path, ...] = ()
+    """Files (or a signal folder) to quarantine so that the next `stage all` recomputes them; () for the
+    store header, which is the store's identity and cannot be recomputed."""
+    key: str | None = None
+    shard: int | None = None
+    """The shard of a bad commit record or shard data; None for a whole signal (a damaged header)."""
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.why}"
+
+
 @dataclass
 class VerifyReport:
     checked: int = 0
-    problems: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        return [str(f) for f in self.findings]
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.findings
 
 
-def _signal_dirs(store: Store) -> list[Path]:
-    base = store.root / SIGNALS_DIR
+def _signal_dirs(root: Path) -> list[Path]:
+    base = root / SIGNALS_DIR
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
 
+def num_records(root) -> int:
+    """How many commit record files the store holds (what verify's progress counts), none of them read."""
+    return sum(len(list((sdir / COMMITS_DIR).glob("*.json"))) for sdir in _signal_dirs(Path(root)))
+
+
+def verify_path(path, progress=None) -> VerifyReport:
+    """`store verify`: every problem of the store at ``path``, its header's fields included, never stopping at one.
+
+    A store of another format is refused (StoreError); a damaged header is reported field by field, and
+    then nothing else can be checked (the header says how the rows are sharded).
+    """
+    root = Path(path)
+    header = root / STORE_META
+    if not header.is_file():
+        Store.open(root)  # the one-line "no flexfeed store at ..." refusal
+    problems = StoreMeta.problems(header)
+    if problems:
+        report = VerifyReport()
+        report.findings += [Finding("store header", p) for p in problems]
+        return report
+    return verify(Store.open(root), progress)
+
+
 def verify(store: Store, progress=None) -> VerifyReport:
-    """Recompute every committed shard's checksum; name each shard that does not match."""
+    """Check every signal header and commit record, and recompute every committed shard's checksum."""
     report = VerifyReport()
-    for sdir in _signal_dirs(store):
+    for sdir in _signal_dirs(store.root):
         if not (sdir / SIGNAL_META).is_file():
             continue  # creation debris, not a signal: gc's business
         try:
             sig = store.get(sdir.name)
-            records = sig.records()
-        except Exception as exc:  # a damaged header or commit record is a finding, not a crash
-            report.problems.append(f"signal {sdir.name}: unreadable header or commit records: {exc}")
+        except StoreError as exc:  # a damaged header is a finding, not a crash: its signal is set aside whole
+            report.findings.append(Finding(f"signal {sdir.name}", f"unreadable header: {exc.message}", (sdir,),
+                                           key=sdir.name))
             continue
+        records, damaged = sig.scan_records()
+        for shard, exc in damaged.items():
+            report.findings.append(Finding(f"signal {sig.name} ({sig.key}) shard {shard}",
+                                           f"damaged commit record: {exc.message}", (exc.path,), sig.key, shard))
         for shard, rec in sorted(records.items()):
-            why = None
-            try:
-                if not sig.chunk_path(shard, rec.slot).is_file():
-                    why = f"data file of slot {rec.slot} is missing"
-                else:
-                    values = sig._read_committed(rec)
-                    if len(values) != rec.rows or checksum_array(values) != rec.checksum:
-                        why = "checksum mismatch"
-            except Exception as exc:
-                why = f"unreadable ({type(exc).__name__}: {exc})"
             report.checked += 1
+            why = shard_problem(sig, shard, rec)
             if why is not None:
-                report.problems.append(f"signal {sig.name} ({sig.key}) shard {shard}: {why}")
+                report.findings.append(Finding(f"signal {sig.name} ({sig.key}) shard {shard}", why,
+                                               (sig._record_path(shard), sig.chunk_path(shard, rec.slot)),
+                                               sig.key, shard))
             if progress is not None:
                 progress()
     return report
+
+
+def shard_problem(sig, shard: int, rec) -> str | None:
+    """Why a committed shard's data does not match its record (None when it does)."""
+    try:
+        if not sig.chunk_path(shard, rec.slot).is_file():
+            return f"data file of slot {rec.slot} is missing"
+        values = sig._read_committed(rec)
+        if len(values) != rec.rows or checksum_array(values) != rec.checksum:
+            return "checksum mismatch"
+    except Exception as exc:  # noqa: BLE001 - whatever the damage, it is a finding of this shard
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    return None
 
 
 @dataclass
@@ -154,53 +213,88 @@ def _guarding_lock(store: Store, path: Path) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _hold(path: Path):
+    """gc's hold of a writer's lock: True while held, False when a writer holds it.
+
+    It writes nothing (no pid), so gc, the command that frees space, runs on a full disk; a lock file
+    that cannot even be created there guards nothing gc may touch, so that item is left alone.
+    """
+    lock = FileLock(path, timeout_s=0, note_pid=False)
+    try:
+        lock.acquire()
+    except LockBusy:
+        yield False  # a live writer owns it
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
 def _remove_unless_locked(store: Store, path: Path, report: GcReport) -> None:
     lock = _guarding_lock(store, path)
     if lock is None or not lock.parent.is_dir():
         _remove(path, report)
         return
-    try:
-        with FileLock(lock, timeout_s=0):
-            if path.exists():
-                _remove(path, report)
-    except LockBusy:
-        pass  # a live writer owns it
+    with _hold(lock) as held:
+        if held and path.exists():
+            _remove(path, report)
+
+
+def _readable_signals(store: Store) -> list:
+    """Signals whose header loads; a damaged one is repair's business, never gc's."""
+    out = []
+    for sdir in _signal_dirs(store.root):
+        if (sdir / SIGNAL_META).is_file():
+            try:
+                out.append(store.get(sdir.name))
+            except StoreError:
+                continue
+    return out
 
 
 def gc(store: Store) -> GcReport:
     """Remove what no commit record points at: temp files, uncommitted slots, orphan signals, stale indexes."""
     report = GcReport()
-    for dirpath, _, files in os.walk(store.root):
+    for dirpath, dirnames, files in os.walk(store.root):
+        if Path(dirpath) == store.root and QUARANTINE_DIR in dirnames:
+            dirnames.remove(QUARANTINE_DIR)  # what repair set aside is kept as it was
         for f in files:
             # ours end in .tmp; zarr writes a chunk to a .partial file and renames it
             if is_temp_debris(f) or f.endswith(".partial"):
                 _remove_unless_locked(store, Path(dirpath) / f, report)
-    for sdir in _signal_dirs(store):
+    for sdir in _signal_dirs(store.root):
         if not (sdir / SIGNAL_META).is_file():
-            try:
-                with FileLock(store.root / LOCKS_DIR / f"create-{sdir.name}.lock", timeout_s=0):
-                    if not (sdir / SIGNAL_META).is_file():
-                        _remove(sdir, report)
-            except LockBusy:
-                continue  # being created right now
-    for sig in store.signals():
+            with _hold(store.root / LOCKS_DIR / f"create-{sdir.name}.lock") as held:
+                if held and not (sdir / SIGNAL_META).is_file():  # not being created right now
+                    _remove(sdir, report)
+    for sig in _readable_signals(store):
         for shard in range(sig.num_shards):
-            try:
-                with FileLock(sig.lock_path(shard), timeout_s=0):
-                    # read the record under the lock: one read earlier may predate a commit
+            with _hold(sig.lock_path(shard)) as held:
+                if not held:
+                    continue  # a live writer owns this shard
+                # read the record under the lock: one read earlier may predate a commit
+                try:
                     rec = sig.record(shard)
-                    for slot in (0, 1):
-                        if rec is not None and rec.slot == slot:
-                            continue
-                        chunk = sig.chunk_path(shard, slot)
-                        if chunk.exists():
-                            _remove(chunk, report)
-            except LockBusy:
-                continue  # a live writer owns this shard
-        try:
-            with FileLock(sig.dir / LOCKS_DIR / INDEX_LOCK, timeout_s=0):
-                if index_status(sig) == "stale":
-                    _remove(sig.dir / INDEX_DIR, report)
-        except LockBusy:
-            continue  # being rebuilt
+                except StoreError:
+                    continue  # a damaged record: which slot is committed is unknown, so keep both
+                for slot in (0, 1):
+                    if rec is not None and rec.slot == slot:
+                        continue
+                    chunk = sig.chunk_path(shard, slot)
+                    if chunk.exists():
+                        _remove(chunk, report)
+        with _hold(sig.dir / LOCKS_DIR / INDEX_LOCK) as held:
+            try:
+                stale = held and index_status(sig) == "stale"  # held: not being rebuilt
+            except StoreError:
+                stale = False  # a damaged record: the index is judged once repair has run
+            if stale:
+                _remove(sig.dir / INDEX_DIR, report)
     return report

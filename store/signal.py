@@ -21,13 +21,11 @@ import zarr
 from zarr.codecs import BytesCodec
 
 from .atomic import fsync_dir
-from .errors import StoreError
+from .errors import DamagedFile, StoreError
 from .hashing import checksum_array, stable_hash
 from .layout import COMMITS_DIR, DATA_ARRAY, LOCKS_DIR, shard_file
 from .locks import FileLock
 from .manifest import CommitRecord, SignalMeta, StoreMeta
-
-DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -101,6 +99,7 @@ class Signal:
         )
 
     def _open_array(self) -> zarr.Array:
+        # r+ writes nothing on open (zarr's mkdir of the existing folder is a no-op, even on a read-only mount)
         array = zarr.open_array(str(self.dir / DATA_ARRAY), mode="r+")
         # every committed slot gets a file, even an all-zero one, so a missing chunk file is damage
         return array.with_config({"write_empty_chunks": True})
@@ -143,28 +142,48 @@ class Signal:
     def lock_path(self, shard: int) -> Path:
         return self.dir / LOCKS_DIR / f"{shard_file(shard)}.lock"
 
+    def _load_record(self, path: Path, shard: int) -> CommitRecord:
+        return CommitRecord.load(path, shard=shard, rows=self.store_meta.rows_in_shard(shard))
+
     def record(self, shard: int) -> CommitRecord | None:
-        """The commit record of a shard, or None while it is not committed."""
+        """The commit record of a shard, or None while it is not committed (a damaged one is a DamagedFile)."""
         self._check_shard(shard)
         try:
-            return CommitRecord.load(self._record_path(shard))
+            return self._load_record(self._record_path(shard), shard)
         except FileNotFoundError:
             return None
 
-    def records(self) -> dict[int, CommitRecord]:
-        out = {}
+    def record_files(self) -> dict[int, Path]:
+        """The commit record file of every shard that has one (not read)."""
         try:
             entries = list(os.scandir(self.dir / COMMITS_DIR))
         except FileNotFoundError:
-            return out
+            return {}
+        out = {}
         for entry in entries:
             stem, dot, ext = entry.name.partition(".")
             if ext == "json" and stem.isdigit() and int(stem) < self.num_shards:
-                try:
-                    out[int(stem)] = CommitRecord.load(Path(entry.path))
-                except FileNotFoundError:
-                    continue  # listed, then removed (a signal dropped by gc)
+                out[int(stem)] = Path(entry.path)
         return out
+
+    def scan_records(self) -> tuple[dict[int, CommitRecord], dict[int, DamagedFile]]:
+        """Every readable commit record, and the damage of each unreadable one (what verify reports)."""
+        good, bad = {}, {}
+        for shard, path in sorted(self.record_files().items()):
+            try:
+                good[shard] = self._load_record(path, shard)
+            except FileNotFoundError:
+                continue  # listed, then removed (a signal dropped by gc)
+            except DamagedFile as exc:
+                bad[shard] = exc
+        return good, bad
+
+    def records(self) -> dict[int, CommitRecord]:
+        """Every commit record; a damaged one is an error naming its file and the repair command."""
+        good, bad = self.scan_records()
+        if bad:
+            raise next(iter(bad.values()))
+        return good
 
     def committed_shards(self) -> list[int]:
         return sorted(self.records())

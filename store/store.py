@@ -11,6 +11,7 @@ from .errors import StoreError
 from .hashing import canonical_json, stable_hash
 from .layout import (
     DATA_ARRAY,
+    DTYPES,
     LOCKS_DIR,
     SIGNAL_META,
     SIGNALS_DIR,
@@ -21,7 +22,7 @@ from .layout import (
 )
 from .locks import FileLock
 from .manifest import SignalMeta, StoreMeta
-from .signal import DTYPES, Signal
+from .signal import Signal
 
 DEFAULT_SHARD_ROWS = 4096
 

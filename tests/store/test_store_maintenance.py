@@ -50,7 +50,7 @@ def test_verify_reports_a_truncated_chunk_and_a_damaged_record(two_signals):
     (loss.dir / "commits" / "000001.json").write_text("{not json")
     problems = verify(st).problems
     assert any(f"({emb.key}) shard 0: unreadable" in p for p in problems)
-    assert any(loss.key in p and "unreadable" in p and "000001.json" in p for p in problems)
+    assert any(loss.key in p and "damaged commit record" in p and "000001.json" in p for p in problems)
 
 
 def test_gc_removes_debris_reports_bytes_and_keeps_committed_data(two_signals):
