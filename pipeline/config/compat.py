@@ -47,6 +47,16 @@ class CompatKey:
         return self.convert(value, where) if self.convert else value
 
 
+@dataclass(frozen=True)
+class Spread:
+    """What a `convert` returns to write one foreign key to several targets (a nested DataFlex mapping
+    flattened): `group.field` -> value, and warnings about the parts that have no meaning here. The rule's
+    own `target` is then only what the docs show."""
+
+    targets: dict
+    warnings: tuple[str, ...] = ()
+
+
 @dataclass
 class Translation:
     """A components-file entry in flexfeed's terms: the component, its parameters, other keys, warnings."""
@@ -66,20 +76,29 @@ class Translation:
         if rule.file and isinstance(value, str) and source is not None:
             value = str(find_file(value, source, here))
         value = rule.translate(value, here)
+        if isinstance(value, Spread):
+            self.warnings += [f"{where}: DataFlex parameter {key!r}: {text}" for text in value.warnings]
+            for target, item in value.targets.items():
+                self.write(target, item)
+            return
         if rule.target is None:
             if value is not None:
                 self.warnings.append(f"{where}: DataFlex parameter {key!r} ignored: {rule.reason}")
             return
         for target, item in {rule.target: value, **rule.sets}.items():
-            group, _, name = target.partition(".")
-            if target == "component":
-                self.component = item
-            elif group == "component_args":
-                self.args[name] = item
-            elif group == "stage":
-                self.stage[name] = item
-            else:
-                self.elsewhere[target] = item
+            self.write(target, item)
+
+    def write(self, target: str, item) -> None:
+        """Put one value where `target` (`component`, `component_args.x`, `stage.x` or `group.x`) says."""
+        group, _, name = target.partition(".")
+        if target == "component":
+            self.component = item
+        elif group == "component_args":
+            self.args[name] = item
+        elif group == "stage":
+            self.stage[name] = item
+        else:
+            self.elsewhere[target] = item
 
 
 def _warmup_ratio(value, where: str):
@@ -166,6 +185,83 @@ _CLUSTER = {
     "embedding_layer": CompatKey(target="embed.layer", reason="the embed stage's pooled layer"),
 }
 
+
+def _local_judge() -> tuple[str, str]:
+    """What DataFlex's `local_vllm` judge runs on here: (backend, why), vllm with a GPU, else transformers."""
+    from stages.grads.reward_models import vllm_refusal
+
+    why = vllm_refusal()
+    if why is None:
+        return "vllm", "vllm and a CUDA GPU are here"
+    return "transformers", f"{why}, so the judge runs with transformers"
+
+
+def _nice_backend(value, where: str) -> Spread:
+    if value == "local_vllm":
+        backend, why = _local_judge()
+        return Spread({"grads.nice_reward_backend": backend}, (f"local_vllm judges with {backend}: {why}",))
+    if value == "api":
+        return Spread({"grads.nice_reward_backend": "api"})
+    raise FlexfeedError(f"{where}: unknown value {value!r}", "choose one of: local_vllm, api")
+
+
+_NICE_LOCAL = {  # DataFlex's local_vllm block -> GradsArgs (None: a vllm engine setting, meaningless without vllm)
+    "hf_model_name_or_path": "nice_reward_model", "vllm_temperature": "nice_reward_temperature",
+    "vllm_top_p": "nice_reward_top_p", "vllm_top_k": "nice_reward_top_k", "vllm_seed": "nice_reward_seed",
+    "vllm_max_tokens": "nice_reward_max_new_tokens", "vllm_max_model_len": "nice_reward_max_model_len",
+    "vllm_tensor_parallel_size": "nice_reward_tensor_parallel_size",
+    "vllm_gpu_memory_utilization": "nice_reward_gpu_memory_utilization",
+}
+_VLLM_ONLY = ("vllm_tensor_parallel_size", "vllm_gpu_memory_utilization")
+_NICE_API = {"api_url": "nice_reward_api_url", "api_key": "nice_reward_api_key_env",
+             "model_name": "nice_reward_api_model", "temperature": "nice_reward_api_temperature"}
+
+
+def _nice_backend_params(value, where: str) -> Spread:
+    """DataFlex's reward_backend_params {local_vllm: {...}, api: {...}} flattened onto the grads.nice_reward_* keys."""
+    if value is None:
+        return Spread({})
+    if not isinstance(value, dict):
+        raise FlexfeedError(f"{where} must be a mapping, got {value!r}", "write local_vllm: and api: blocks under it")
+    targets, warnings = {}, []
+    for block, table in (("local_vllm", _NICE_LOCAL), ("api", _NICE_API)):
+        params = value.get(block) or {}
+        if not isinstance(params, dict):
+            raise FlexfeedError(f"{where}.{block} must be a mapping, got {params!r}", "write key: value lines")
+        for key, item in params.items():
+            if key not in table:
+                raise FlexfeedError(f"{where}.{block}: unknown parameter {key!r}", did_you_mean(str(key), table))
+            if item is None:
+                continue  # DataFlex's null: the default
+            if key in _VLLM_ONLY and _local_judge()[0] != "vllm":
+                warnings.append(f"{block}.{key} ignored: {_local_judge()[1]}, which has no such setting")
+                continue
+            if key == "vllm_top_k" and item == -1:
+                item = 0  # vllm's "off" is 0 here
+            targets[f"grads.{table[key]}"] = item
+    unknown = [k for k in value if k not in ("local_vllm", "api")]
+    if unknown:
+        raise FlexfeedError(f"{where}: unknown block {unknown[0]!r}", did_you_mean(str(unknown[0]), ("local_vllm", "api")))
+    return Spread(targets, tuple(warnings))
+
+
+_NICE = {
+    **_GRADS,
+    "mc_samples": CompatKey(target="grads.nice_num_samples", reason="completions sampled per target prompt"),
+    "max_new_tokens": CompatKey(target="grads.nice_max_new_tokens", reason="most tokens per sampled completion"),
+    "generation_temperature": CompatKey(target="grads.nice_temperature", reason="sampling temperature of the "
+                                                                                "completions"),
+    "max_prompt_length": CompatKey(target="grads.nice_max_prompt_tokens",
+                                   reason="a longer target prompt keeps its last tokens"),
+    "reward_model_backend": CompatKey(target="grads.nice_reward_backend", convert=_nice_backend,
+                                      reason="local_vllm becomes nice_reward_backend vllm on a GPU with vllm, "
+                                             "transformers elsewhere; api stays api"),
+    "reward_backend_params": CompatKey(target="grads.nice_reward_model", convert=_nice_backend_params,
+                                       reason="flattened: each judge setting goes to its grads.nice_reward_* key "
+                                              "(hf_model_name_or_path to nice_reward_model, ...; docs/nice.md)"),
+}
+"""DataFlex's nice parameters: sampling and judge settings belong to the offline `grads:` stage here."""
+
 DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
     "selectors": {
         "*": {
@@ -173,7 +269,7 @@ DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
             "save_interval": CompatKey(reason="the store commits each shard as soon as it is written"),
         },
         "less": dict(_GRADS),
-        "nice": dict(_GRADS),
+        "nice": dict(_NICE),
         "cluster_less": {**_GRADS, **_CLUSTER},
         "cluster": {**_GRADS, **_CLUSTER},
         "loss": {"score_batch_size": CompatKey(target="loss.batch_size", reason=_SCORE_BATCH)},

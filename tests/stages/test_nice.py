@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from stages.args import GradsArgs, ModelArgs
 from stages.base import bind_live_model
 from stages.grads.nice import NiceTargetStage, row_seed, split_row
 from stages.grads.rewards import exact_match, load_reward, token_f1
-from stages.grads.stage import GradsStage
 from store.errors import FlexfeedError
 
 HERE = "tests.stages.test_nice"
@@ -90,7 +88,7 @@ def test_split_row_and_bad_arguments(model_args):
     assert split_row(ROWS["input_ids"][1], ROWS["labels"][1], 1) == ([12, 13], [14, 15, 2])
     with pytest.raises(FlexfeedError, match="no prompt"):
         split_row([4, 5], [4, 5], 0)
-    for kw, word in [({"nice_num_samples": 1}, "at least 2"), ({"nice_temperature": 0.0}, "temperature"),
+    for kw, word in [({"nice_num_samples": 0}, "nice_num_samples"), ({"nice_temperature": 0.0}, "temperature"),
                      ({"nice_max_new_tokens": 0}, "max_new_tokens"), ({"nice_reward": "x.y"}, "import path")]:
         with pytest.raises(FlexfeedError, match=word):
             NiceTargetStage(model_args, _args(**kw))
@@ -100,14 +98,16 @@ def test_spec_names_everything_that_sets_the_values(model_args):
     desc = NiceTargetStage(model_args, _args()).signal()
     assert desc.name == "grads_nice" and desc.dim == 64
     spec = desc.spec
-    assert spec["model"]["weights"] and spec["grad_type"] == "sgd" and spec["code_version"] == "grads-nice-1"
-    assert spec["nice"] == {"num_samples": 3, "temperature": 1.0, "max_new_tokens": 6, "reward": f"{HERE}:even_share",
-                            "sampling": "plain", "baseline": "mean", "fallback": "sgd_reference"}
+    assert spec["model"]["weights"] and spec["grad_type"] == "sgd" and spec["code_version"] == "grads-nice-2"
+    assert spec["nice"] == {"num_samples": 3, "temperature": 1.0, "max_new_tokens": 6, "max_prompt_tokens": None,
+                            "reward": f"{HERE}:even_share", "sampling": "plain", "log_prob": "sum",
+                            "baseline": "leave_one_out", "tied": "zero"}
     keys = {json.dumps(spec, sort_keys=True)}
     for kw in [{"nice_num_samples": 4}, {"nice_temperature": 0.7}, {"nice_max_new_tokens": 5},
-               {"nice_reward": f"{HERE}:constant"}, {"seed": 1}, {"proj_dim": 32}, {"proj_type": "gaussian"}]:
+               {"nice_reward": f"{HERE}:constant"}, {"seed": 1}, {"proj_dim": 32}, {"proj_type": "gaussian"},
+               {"nice_max_prompt_tokens": 2}]:
         keys.add(json.dumps(NiceTargetStage(model_args, _args(**kw)).signal().spec, sort_keys=True))
-    assert len(keys) == 8
+    assert len(keys) == 9
 
 
 def test_feature_is_the_projected_policy_gradient_of_plain_backward_passes(stage):
@@ -125,10 +125,12 @@ def test_feature_is_the_projected_policy_gradient_of_plain_backward_passes(stage
             model.zero_grad(set_to_none=True)
             ids = torch.tensor([roll["prompt"] + c])
             labels = torch.tensor([[-100] * len(roll["prompt"]) + c])
-            model(input_ids=ids, labels=labels).loss.backward()
+            # the summed loss of the completion's tokens: minus its log-probability
+            (model(input_ids=ids, labels=labels).loss * len(c)).backward()
             # the projection of the full (flattened) gradient is the sum of its per-weight projections
             g = sum(projector.project(n, p.grad.detach()[None])[0] for n, p in params)
-            total += (reward - r.mean()) / len(r) * g.double()
+            baseline = (r.sum() - reward) / (len(r) - 1)
+            total += (reward - baseline) / len(r) * g.double()
         model.zero_grad(set_to_none=True)
         expected = (total / total.norm()).float().numpy()
         np.testing.assert_allclose(feats[i], expected, atol=1e-4)
@@ -148,15 +150,13 @@ def test_same_seed_same_features_other_seed_other_samples(stage):
     assert torch.equal(state, torch.random.get_rng_state()), "sampling must leave the global RNG alone"
 
 
-def test_equal_rewards_fall_back_to_the_sgd_feature_of_the_reference(stage):
+def test_equal_rewards_give_a_zero_feature_counted_and_logged(stage, caplog):
     nice = _like(stage, _args(nice_reward=f"{HERE}:constant"))
-    feats = nice.compute(ROWS)
-    assert nice.fallback_rows == 3
-    from stages.models import load_tokenizer
-
-    sgd = bind_live_model(GradsStage(stage.model_args, replace(_args(), grad_type="sgd")), stage._model,
-                          load_tokenizer(stage.model_args))
-    np.testing.assert_allclose(feats, sgd.compute(ROWS), atol=1e-5)
+    with caplog.at_level("WARNING", logger="stages.grads.nice"):
+        feats = nice.compute(ROWS)
+    assert (nice.tied_rows, nice.rows_seen) == (3, 3)
+    assert not feats.any(), "tied rows carry no policy direction: zero, not the SGD feature of the reference"
+    assert "3 of 3 target rows have tied rewards" in caplog.text
 
 
 def test_custom_reward_gets_prompt_completion_and_reference_without_eos(stage):
