@@ -20,6 +20,7 @@ from stages.batching import IGNORE_INDEX
 from stages.conversations import RowRef, alpaca_conversation, pt_text, sharegpt_conversation
 from stages.dataset_info import DatasetSpec, parse_entry, read_info
 from stages.formats import read_source
+from stages.hub import HubAccess, load_hub_dataset
 from stages.templates import Segment, named_template, render, resolve_template
 from store.errors import FlexfeedError
 from store.hashing import HASH_HEX_CHARS, canonical_json
@@ -78,11 +79,22 @@ def _check_args(args: DataArgs, names: list[str]) -> None:
                             "remove it to keep every row")
 
 
-def _pick_rows(spec: DatasetSpec, max_samples: int | None) -> list[tuple[RowRef, dict]]:
-    rows = [(RowRef(path, i + 1, spec.name), row)
-            for path, file_rows in read_source(spec.path, spec.split) for i, row in enumerate(file_rows)]
+def _source_rows(spec: DatasetSpec, hub: HubAccess) -> list[tuple[RowRef, dict]]:
+    """Each raw row of the dataset with where it came from: local files, or a hub dataset's split."""
+    if spec.hub is None:
+        return [(RowRef(path, i + 1, spec.name), row)
+                for path, file_rows in read_source(spec.path, spec.split) for i, row in enumerate(file_rows)]
+    loaded = load_hub_dataset(spec.hub_url, kind=spec.hub, subset=spec.subset, folder=spec.folder,
+                              split=spec.split, access=hub, where=spec.where)
+    # the rows' content, not the hub id, enters the fingerprint; the id only names rows in messages
+    label = f"{spec.hub_url} ({spec.split})"
+    return [(RowRef(label, i + 1, spec.name), row) for i, row in enumerate(loaded)]
+
+
+def _pick_rows(spec: DatasetSpec, max_samples: int | None, hub: HubAccess) -> list[tuple[RowRef, dict]]:
+    rows = _source_rows(spec, hub)
     if not rows:
-        raise FlexfeedError(f"dataset {spec.name!r} ({spec.path}) has no rows", "add rows or remove the dataset")
+        raise FlexfeedError(f"dataset {spec.name!r} ({spec.source}) has no rows", "add rows or remove the dataset")
     if spec.num_samples is not None:
         # like LLaMA-Factory: a random subset, repeated rows when more are asked for than exist
         rng = np.random.default_rng(NUM_SAMPLES_SEED)
@@ -178,8 +190,12 @@ def fingerprint_columns(input_ids: list, labels: list, texts: list[str], domains
     return h.hexdigest()[:HASH_HEX_CHARS]
 
 
-def load_data(args: DataArgs, tokenizer, names: list[str] | None = None) -> TokenizedData:
-    """Read, format, tokenize and fingerprint the datasets ``names`` (default ``args.dataset``)."""
+def load_data(args: DataArgs, tokenizer, names: list[str] | None = None, *,
+              hub: HubAccess | None = None) -> TokenizedData:
+    """Read, format, tokenize and fingerprint the datasets ``names`` (default ``args.dataset``).
+
+    ``hub`` is how hub datasets are reached (cache folder, tokens); default the environment's.
+    """
     names = _names(args.dataset if names is None else names)
     _check_args(args, names)
     template = resolve_template(args.template, tokenizer) if args.stage == "sft" else None
@@ -192,7 +208,7 @@ def load_data(args: DataArgs, tokenizer, names: list[str] | None = None) -> Toke
 
     texts, domains, all_segments = [], [], []
     for domain, spec in enumerate(specs):
-        for ref, row in _pick_rows(spec, args.max_samples):
+        for ref, row in _pick_rows(spec, args.max_samples, hub or HubAccess()):
             segments = _segments(row, ref, spec, args.stage, template, tokenizer)
             all_segments.append(segments)
             texts.append("".join(text for text, _ in segments))
@@ -215,7 +231,8 @@ def load_data(args: DataArgs, tokenizer, names: list[str] | None = None) -> Toke
     return TokenizedData(dataset=dataset, domain_names=names, fingerprint=fingerprint)
 
 
-def row_values(args: DataArgs, column: str, names: list[str] | None = None) -> np.ndarray:
+def row_values(args: DataArgs, column: str, names: list[str] | None = None, *,
+               hub: HubAccess | None = None) -> np.ndarray:
     """The number in each raw row's `column`, in the row order of ``load_data(args, ..., names)``.
 
     Read from the data files again rather than carried through tokenizing, so runs that do not ask for
@@ -226,7 +243,7 @@ def row_values(args: DataArgs, column: str, names: list[str] | None = None) -> n
     info = read_info(args.dataset_dir)
     out: list[float] = []
     for spec in (parse_entry(args.dataset_dir, info, name) for name in names):
-        for ref, row in _pick_rows(spec, args.max_samples):
+        for ref, row in _pick_rows(spec, args.max_samples, hub or HubAccess()):
             value = row.get(column) if isinstance(row, dict) else None
             if value is None:
                 raise ref.error(column, "no value (every train row needs a score in this field)",

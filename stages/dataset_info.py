@@ -1,8 +1,8 @@
 """`dataset_info.json`: which file each dataset name points to, its format, columns and tags.
 
-The keys follow LLaMA-Factory so an existing `dataset_info.json` works unchanged for local files.
-Entries are checked only when a run asks for them: a shared file may hold hub datasets that
-flexfeed never loads.
+The keys follow LLaMA-Factory so an existing `dataset_info.json` works unchanged, for local files and
+hub datasets (`hf_hub_url`, `ms_hub_url`; see stages.hub). Entries are checked only when a run asks
+for them: a shared file may hold entries flexfeed cannot load.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.hub import use_modelscope
 from stages.values import did_you_mean
 from store.errors import FlexfeedError
 
@@ -30,6 +31,12 @@ KNOWN_KEYS = (
     "file_name", "formatting", "columns", "tags", "split", "num_samples", "ranking", "subset", "folder",
     "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name",
 )
+# why the other sources LLaMA-Factory knows stay refused
+UNSUPPORTED_SOURCES = {
+    "om_hub_url": "the Modelers (openmind) hub is not supported",
+    "script_url": "loading scripts run remote code, and the datasets library no longer runs them",
+    "cloud_file_name": "cloud storage files (s3://, gs://) are not read",
+}
 
 
 @dataclass
@@ -37,12 +44,28 @@ class DatasetSpec:
     """One dataset entry of dataset_info.json, with defaults filled in."""
 
     name: str
-    path: Path
+    path: Path | None
+    """The local file or folder; None for a hub dataset."""
     formatting: str = "alpaca"
     columns: dict[str, str | None] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     split: str = "train"
     num_samples: int | None = None
+    hub: str | None = None
+    """`hf` or `ms` for a hub dataset (`hub_url` names it), None for a local one."""
+    hub_url: str | None = None
+    """The hub dataset id (hf_hub_url or ms_hub_url)."""
+    subset: str | None = None
+    """A hub dataset's configuration (load_dataset's `name`)."""
+    folder: str | None = None
+    """A hub dataset's sub-folder (load_dataset's `data_dir`)."""
+    where: str = ""
+    """`.../dataset_info.json: dataset 'x'`, the start of this entry's errors."""
+
+    @property
+    def source(self) -> str:
+        """The file, folder or hub id the rows come from (for messages)."""
+        return str(self.path) if self.path is not None else f"{self.hub_url} ({self.hub} hub)"
 
 
 def read_info(dataset_dir: str | Path) -> dict:
@@ -102,21 +125,16 @@ def parse_entry(dataset_dir: str | Path, info: dict, name: str) -> DatasetSpec:
         if key not in KNOWN_KEYS:
             raise FlexfeedError(f"{info_path}: dataset {name!r}: unknown key {key!r}",
                                 did_you_mean(key, KNOWN_KEYS))
-    if not entry.get("file_name"):
-        remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in entry]
-        raise FlexfeedError(
-            f"{info_path}: dataset {name!r} has no file_name" + (f" (only {', '.join(remote)})" if remote else ""),
-            "flexfeed reads local files only: download the data and set file_name to its path in dataset_dir",
-        )
-    for key in ("file_name", "folder", "split"):
+    for key in ("file_name", "folder", "split", "subset", "hf_hub_url", "ms_hub_url"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise FlexfeedError(f"{info_path}: dataset {name!r}: {key} must be a string, got {entry[key]!r}",
-                                f'write "{key}": "<path relative to dataset_dir>"' if key != "split"
-                                else 'write "split": "train"')
+                                f'write "{key}": "<path relative to dataset_dir>"' if key in ("file_name", "folder")
+                                else f'write "{key}": "<name>"')
+    hub, hub_url = _hub_source(info_path, name, entry)
     if entry.get("ranking"):
         raise FlexfeedError(f"{info_path}: dataset {name!r}: ranking (preference) data is not supported",
                             "use pt or sft data; remove 'ranking'")
-    if entry.get("subset"):
+    if entry.get("subset") and hub is None:
         raise FlexfeedError(f"{info_path}: dataset {name!r}: subset applies to hub datasets only",
                             "point file_name at the local file or folder of the subset and remove 'subset'")
     formatting = entry.get("formatting", "alpaca")
@@ -134,8 +152,34 @@ def parse_entry(dataset_dir: str | Path, info: dict, name: str) -> DatasetSpec:
                                     or num_samples < 1):
         raise FlexfeedError(f"{info_path}: dataset {name!r}: num_samples must be a positive integer",
                             f"got {num_samples!r}")
-    path = Path(dataset_dir) / entry["file_name"]
-    if entry.get("folder"):
-        path = path / entry["folder"]
+    path = None
+    if hub is None:
+        path = Path(dataset_dir) / entry["file_name"]
+        if entry.get("folder"):
+            path = path / entry["folder"]
     return DatasetSpec(name=name, path=path, formatting=formatting, columns=columns, tags=tags,
-                       split=str(entry.get("split", "train")), num_samples=num_samples)
+                       split=str(entry.get("split", "train")), num_samples=num_samples, hub=hub, hub_url=hub_url,
+                       subset=entry.get("subset") if hub else None, folder=entry.get("folder") if hub else None,
+                       where=f"{info_path}: dataset {name!r}")
+
+
+def _hub_source(info_path: Path, name: str, entry: dict) -> tuple[str | None, str | None]:
+    """(`hf` or `ms`, id) of a hub entry, (None, None) of a local one; refuses an entry with neither.
+
+    A file_name beside a hub url is read instead of the hub (LLaMA-Factory prefers the hub), so an entry
+    pointed at a download keeps working offline. Between hubs, LLaMA-Factory's rule: ms_hub_url when
+    USE_MODELSCOPE_HUB is set or there is no hf_hub_url.
+    """
+    if entry.get("file_name"):
+        return None, None
+    if entry.get("ms_hub_url") and (use_modelscope() or not entry.get("hf_hub_url")):
+        return "ms", entry["ms_hub_url"]
+    if entry.get("hf_hub_url"):
+        return "hf", entry["hf_hub_url"]
+    remote = [k for k in UNSUPPORTED_SOURCES if entry.get(k)]
+    if remote:
+        raise FlexfeedError(f"{info_path}: dataset {name!r} has no file_name, and {remote[0]} is not supported: "
+                            f"{UNSUPPORTED_SOURCES[remote[0]]}",
+                            "download the data and set file_name to its path, or give an hf_hub_url")
+    raise FlexfeedError(f"{info_path}: dataset {name!r} has no file_name",
+                        "set file_name to a file or folder in dataset_dir, or hf_hub_url to a hub dataset id")

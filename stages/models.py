@@ -1,13 +1,18 @@
-"""Loading tokenizers and causal LMs from local checkpoints, LoRA adapters, and the model's content identity."""
+"""Loading tokenizers and causal LMs from local or hub checkpoints, LoRA adapters, and the model's identity.
+
+A hub id is resolved to its snapshot folder first (stages.hub); everything after works on folders.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from stages.args import ModelArgs
+from stages.hub import HubAccess, resolve_model, snapshot_identity
 from store.errors import FlexfeedError
 from store.hashing import file_digest, fingerprint_directory, stable_hash
 
@@ -23,17 +28,34 @@ log = logging.getLogger(__name__)
 _told: set = set()  # (model folder, tokens) already reported in this process
 
 
-def _model_dir(path: str) -> Path:
+def hub_access(args: ModelArgs) -> HubAccess:
+    """How the run reaches the hubs: its cache_dir and tokens (also used for hub datasets)."""
+    return HubAccess(cache_dir=args.cache_dir, hf_token=args.hf_hub_token, ms_token=args.ms_hub_token)
+
+
+def _model_dir(args: ModelArgs) -> Path:
+    path = args.model_name_or_path
     if not path:
-        raise FlexfeedError("model_name_or_path is not set", "set it to a local checkpoint directory")
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise FlexfeedError(f"model directory {path!r} does not exist",
-                            "flexfeed loads local checkpoints only: download the model and give its folder")
+        raise FlexfeedError("model_name_or_path is not set", "set it to a checkpoint folder or a hub id (org/name)")
+    root = resolve_model(path, revision=args.model_revision, access=hub_access(args))
     if not (root / "config.json").is_file():
         raise FlexfeedError(f"{path!r} has no config.json, so it is not a model checkpoint",
-                            "point model_name_or_path at the folder save_pretrained wrote")
+                            "point model_name_or_path at the folder save_pretrained wrote, or a model's hub id")
     return root
+
+
+def resolve_model_args(args: ModelArgs) -> ModelArgs:
+    """``args`` with model_name_or_path and adapter_name_or_path as local folders (hub ids fetched or found
+    in the cache at model_revision); a stage that keeps the result loads the same snapshot in every worker."""
+    model = str(_model_dir(args))
+    adapter = args.adapter_name_or_path
+    if adapter:
+        # like LLaMA-Factory, an adapter id is fetched at the model's revision
+        adapter = str(adapter_dir(resolve_model(adapter, revision=args.model_revision, access=hub_access(args),
+                                                what="adapter")))
+    if model == args.model_name_or_path and adapter == args.adapter_name_or_path:
+        return args
+    return replace(args, model_name_or_path=model, adapter_name_or_path=adapter)
 
 
 def adapter_dir(path: str) -> Path:
@@ -64,7 +86,7 @@ def load_tokenizer(args: ModelArgs):
     """The checkpoint's tokenizer (local files only); pad token set to eos when missing."""
     from transformers import AutoTokenizer
 
-    root = _model_dir(args.model_name_or_path)
+    root = _model_dir(args)
     try:
         tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=args.trust_remote_code,
                                                   local_files_only=True)
@@ -137,9 +159,8 @@ def load_model(args: ModelArgs, *, trainable: bool = True):
     from transformers import AutoModelForCausalLM
 
     _check(args)
-    root = _model_dir(args.model_name_or_path)
-    if args.adapter_name_or_path:
-        adapter_dir(args.adapter_name_or_path)  # fail before spending time on the base weights
+    args = resolve_model_args(args)  # also fails on a bad adapter before time is spent on the base weights
+    root = Path(args.model_name_or_path)
     kwargs = {"trust_remote_code": args.trust_remote_code, "local_files_only": True}
     if args.torch_dtype != "auto":
         kwargs["dtype"] = getattr(torch, args.torch_dtype)
@@ -206,16 +227,21 @@ def adapter_fingerprint(path: str | os.PathLike) -> str:
 
 
 def model_identity(args: ModelArgs) -> dict:
-    """What identifies the model in a signal key: weight hash, adapter hash, finetuning settings (no path)."""
+    """What identifies the model in a signal key: weights, adapter hash, finetuning settings (never a path).
+
+    The weights are a hub snapshot's `hf:org/name@<commit>` (its files are that commit's, so they need not
+    be read), else the hash of the folder's files; a copy of a snapshot elsewhere is keyed by its files.
+    """
     _check(args)
-    root = _model_dir(args.model_name_or_path)
+    args = resolve_model_args(args)
+    root = Path(args.model_name_or_path)
     lora = None
     if args.finetuning_type == "lora":
         target = args.lora_target if isinstance(args.lora_target, str) else ",".join(args.lora_target)
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank,
                 "dropout": args.lora_dropout, "target": target}
     identity = {
-        "weights": fingerprint_directory(root),
+        "weights": snapshot_identity(root) or fingerprint_directory(root),
         "adapter": adapter_fingerprint(args.adapter_name_or_path) if args.adapter_name_or_path else None,
         "finetuning_type": args.finetuning_type,
         "lora": lora,
@@ -233,6 +259,7 @@ def source_path(path: str | os.PathLike) -> str:
 
 def model_sources(args: ModelArgs) -> dict[str, str]:
     """Where the model (and adapter) files were read from, for a signal's unkeyed ``sources``."""
+    args = resolve_model_args(args)
     out = {"model": source_path(args.model_name_or_path)}
     if args.adapter_name_or_path:
         out["adapter"] = source_path(args.adapter_name_or_path)
