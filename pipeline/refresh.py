@@ -24,9 +24,10 @@ import torch
 
 from stages.args import RunnerArgs
 from stages.base import Stage, bind_live_model
-from stages.runner import INLINE, run_stage, stage_signal
+from stages.runner import INLINE, existing_signal, run_stage, stage_signal
 from store.errors import FlexfeedError, StoreError
 from store.faiss_index import load_index
+from store.store import is_read_only
 
 from .config import RunConfig
 from .prepared import Prepared
@@ -91,7 +92,19 @@ def plan_routes(cfg: RunConfig, needs: list[SignalNeed], component: str = "") ->
             f"{who} compares gradients of the train and target rows, but only some of them are refreshed: "
             f"{', '.join(f'{r.label} ' + ('live' if r.live else 'offline') for r in routes.values())}",
             "refresh all gradient signals (unset refresh.signals) or none (refresh.enabled: false)")
+    check_writable(cfg, routes, who)
     return routes
+
+
+def check_writable(cfg: RunConfig, routes: dict[tuple[str, str], SignalRoute], who: str) -> None:
+    """A run that refreshes writes its copy of the signal into the store: on a read-only store, say so now."""
+    live = [r.label for r in routes.values() if r.live]
+    if live and is_read_only(cfg.store.store):
+        raise FlexfeedError(
+            f"store {cfg.store.store} is read-only, but {who} refreshes {', '.join(live)} during training, which "
+            "writes the run's copy of it into the store",
+            "set refresh.enabled: false to read the stored signals as they are, or copy the store to a writable "
+            "folder and point `store:` at it")
 
 
 def run_signal(stage, store, run_id: str):
@@ -350,9 +363,9 @@ class StoreSignals:
             if route.live:
                 values = self.refresher.compute_rows(stage, batch)
             else:
-                sig = stage_signal(stage, store)
-                done = set(sig.committed_shards())
-                if all(int(s) in done for s in np.unique(rows // sig.shard_rows)):
+                sig = existing_signal(stage, store)  # a probe reads the store, never creates an empty signal in it
+                done = set(sig.committed_shards()) if sig is not None else set()
+                if sig is not None and all(int(s) in done for s in np.unique(rows // sig.shard_rows)):
                     values = sig.read_rows(rows)
                 else:  # the offline stage on these rows alone (its model loads once: routes live as long as the run)
                     values = stage.compute(batch)

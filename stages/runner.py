@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from stages.args import RunnerArgs
 from stages.base import Stage
-from store.errors import FlexfeedError
+from store.errors import DamagedFile, FlexfeedError, StoreError
 from store.hashing import stable_hash
 from store.store import Store
 
@@ -85,6 +85,17 @@ def stage_signal(stage: Stage, store: Store):
     return store.signal(desc.name, desc.spec, dtype=desc.dtype, dim=desc.dim, sources=desc.sources)
 
 
+def existing_signal(stage: Stage, store: Store):
+    """The store signal a stage writes, or None when the store has none yet (a reader creates nothing)."""
+    desc = stage.signal()
+    try:
+        return store.get(store.signal_key(desc.name, desc.spec, desc.dtype, desc.dim))
+    except StoreError as exc:
+        if isinstance(exc, DamagedFile):
+            raise
+        return None
+
+
 def plan_shards(stage: Stage, store: Store, *, version: int | None = None, max_staleness: int | None = None,
                 shards: list[int] | None = None):
     """The signal and the shards a run must compute (missing, or stale under the policy)."""
@@ -106,7 +117,8 @@ def run_stage(stage: Stage, data, store: Store, runner: RunnerArgs | None = None
     total = sig.num_shards if shards is None else len(shards)
     result = RunResult(signal=sig.name, key=sig.key, skipped=total - len(todo))
     if not todo:
-        store.log_stage(stage=sig.name, key=sig.key, computed=0, skipped=result.skipped, rows=0, seconds=0.0)
+        if not store.read_only:  # a reader of a read-only store writes nothing, not even its log line
+            store.log_stage(stage=sig.name, key=sig.key, computed=0, skipped=result.skipped, rows=0, seconds=0.0)
         return result
     step, model = stage.model_version()
     step = step if version is None else version

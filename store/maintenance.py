@@ -290,6 +290,8 @@ def gc(store: Store) -> GcReport:
                     chunk = sig.chunk_path(shard, slot)
                     if chunk.exists():
                         _remove(chunk, report)
+        if not (sig.dir / INDEX_DIR).exists():
+            continue  # no index to judge
         with _hold(sig.dir / LOCKS_DIR / INDEX_LOCK) as held:
             try:
                 stale = held and index_status(sig) == "stale"  # held: not being rebuilt

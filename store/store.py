@@ -37,6 +37,20 @@ def _local_path(path) -> Path:
     return Path(text.removeprefix("file://"))
 
 
+def is_read_only(path) -> bool:
+    """True when nothing can be written at ``path`` (or its nearest existing parent): a read-only mount, or
+    no write permission."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        pass
+    return not os.access(path, os.W_OK)
+
+
 def _create_header(root: Path, meta: StoreMeta) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(root / LOCKS_DIR / "store.lock", timeout_s=60, what=f"store {root}"):
@@ -119,6 +133,11 @@ class Store:
             raise StoreError(f"store {root} has {store.meta.num_rows} rows, the dataset {num_rows}",
                              "the store belongs to another dataset: use another directory")
         return store
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this store can be written (a complete store on a read-only mount still serves every reader)."""
+        return is_read_only(self.root)
 
     def check_dataset(self, dataset_fingerprint: str) -> None:
         if dataset_fingerprint != self.meta.dataset_fingerprint:
