@@ -162,17 +162,56 @@ class GradsArgs:
     """Rows per batched backward."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the features."""
-    nice_num_samples: int = 4
-    """NICE: completions sampled per target prompt for its policy-gradient feature (at least 2)."""
-    nice_temperature: float = 1.0
-    """NICE: sampling temperature of those completions (plain sampling, no top-k/top-p)."""
-    nice_max_new_tokens: int = 32
-    """NICE: most tokens generated per completion."""
+    nice_num_samples: int = bounded(4, low=1, high=4096)
+    """NICE: completions sampled per target prompt for its policy-gradient feature (DataFlex `mc_samples`); from 2 on, each sample's baseline is the mean reward of the others."""
+    nice_temperature: float = bounded(1.0, low=0.0, low_open=True, high=100.0)
+    """NICE: sampling temperature of those completions (plain sampling, no top-k/top-p; DataFlex `generation_temperature`)."""
+    nice_max_new_tokens: int = bounded(32, low=1, high=10**6)
+    """NICE: most tokens generated per completion (DataFlex `max_new_tokens`)."""
+    nice_max_prompt_tokens: int | None = bounded(None, low=1, high=10**7)
+    """NICE: a longer target prompt keeps only its last this many tokens before sampling (DataFlex `max_prompt_length`); None keeps it whole."""
     nice_reward: str = "stages.grads.rewards:token_f1"
-    """NICE: reward function `package.module:function`, reward(prompt_ids, completion_ids, reference_ids) -> float."""
+    """NICE: reward function `package.module:function`, reward(prompt_ids, completion_ids, reference_ids) -> float (used when nice_reward_backend is `function`)."""
+    nice_reward_backend: Literal["function", "transformers", "vllm", "api"] = "function"
+    """NICE: who scores a completion: `function` (nice_reward), or a judge model: `transformers` (nice_reward_model, CPU or GPU), `vllm` (nice_reward_model, needs vllm and a GPU) or `api` (an OpenAI-compatible chat-completions endpoint); see docs/nice.md."""
+    nice_reward_model: str | None = None
+    """NICE: the judge checkpoint of the transformers and vllm backends (a causal LM answering a score, or a sequence-classification reward model; DataFlex `hf_model_name_or_path`)."""
+    nice_reward_temperature: float = bounded(0.0, low=0.0, high=100.0)
+    """NICE: the judge's sampling temperature (transformers, vllm); 0 is greedy (DataFlex `vllm_temperature`)."""
+    nice_reward_top_p: float = bounded(1.0, low=0.0, low_open=True, high=1.0)
+    """NICE: the judge's top-p when it samples (DataFlex `vllm_top_p`)."""
+    nice_reward_top_k: int = bounded(0, low=0, high=10**6)
+    """NICE: the judge's top-k when it samples; 0 is off (DataFlex `vllm_top_k`, whose -1 is off)."""
+    nice_reward_seed: int = 0
+    """NICE: the judge's sampling seed (DataFlex `vllm_seed`)."""
+    nice_reward_max_new_tokens: int = bounded(16, low=1, high=10**6)
+    """NICE: most tokens a generative judge writes; its first number is the score (DataFlex `vllm_max_tokens`)."""
+    nice_reward_max_model_len: int | None = bounded(None, low=16, high=10**7)
+    """NICE: the judge's context length: a longer judge prompt keeps its last this many tokens (DataFlex `vllm_max_model_len`); None: the model's own."""
+    nice_reward_tensor_parallel_size: int = bounded(1, low=1, high=1024)
+    """NICE: GPUs the vllm judge is split over (DataFlex `vllm_tensor_parallel_size`)."""
+    nice_reward_gpu_memory_utilization: float = bounded(0.9, low=0.0, low_open=True, high=1.0)
+    """NICE: share of GPU memory the vllm judge may take (DataFlex `vllm_gpu_memory_utilization`)."""
+    nice_reward_api_url: str | None = None
+    """NICE: the api judge's chat-completions URL, e.g. https://api.openai.com/v1/chat/completions (DataFlex `api_url`)."""
+    nice_reward_api_key_env: str = "DF_API_KEY"
+    """NICE: name of the environment variable holding the api judge's key (DataFlex `api_key`); never the key itself."""
+    nice_reward_api_model: str | None = None
+    """NICE: the api judge's model name (DataFlex `model_name`)."""
+    nice_reward_api_temperature: float = bounded(0.0, low=0.0, high=2.0)
+    """NICE: the api judge's temperature (DataFlex `temperature`)."""
+    nice_reward_api_timeout_s: float = bounded(60.0, low=0.0, low_open=True, high=3600.0)
+    """NICE: seconds to wait for one api judge reply (each request is tried 3 times)."""
+
+    def _check_nice(self) -> None:
+        """Cross-field checks of the NICE reward settings (stages.grads.reward_models owns the rules)."""
+        from stages.grads.reward_models import check_reward_args
+
+        check_reward_args(self)
 
     def __post_init__(self):
         check_fields(self)
+        self._check_nice()
 
 
 @dataclass(kw_only=True)
