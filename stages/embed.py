@@ -17,7 +17,16 @@ import torch
 from stages.args import EmbedArgs, ModelArgs
 from stages.base import SignalDesc, Stage
 from stages.batching import length_sorted_batches, pad_batch
-from stages.models import load_model, load_tokenizer, model_identity, model_sources, source_path
+from stages.hub import resolve_model, snapshot_identity
+from stages.models import (
+    hub_access,
+    load_model,
+    load_tokenizer,
+    model_identity,
+    model_sources,
+    resolve_model_args,
+    source_path,
+)
 from store.errors import FlexfeedError
 from store.hashing import fingerprint_directory
 
@@ -76,15 +85,19 @@ class EmbedStage(Stage):
         self.args = args
         self.padding_side = padding_side
         self.max_length = args.max_length or cutoff_len
+        # hub ids become their snapshot folder here, once, so every worker loads what the key names
         if self.backend == "sentence-transformers":
             path = args.model_name_or_path or default_sentence_model()
+            if not Path(path).expanduser().is_dir():
+                path = str(resolve_model(path, revision=model_args.model_revision, access=hub_access(model_args),
+                                         what="sentence encoder"))
             self.model_args = replace(model_args, model_name_or_path=path, adapter_name_or_path=None,
                                       finetuning_type="full")
         else:
             path = args.model_name_or_path or model_args.model_name_or_path
-            self.model_args = replace(model_args, model_name_or_path=path,
-                                      adapter_name_or_path=None if args.model_name_or_path else
-                                      model_args.adapter_name_or_path)
+            self.model_args = resolve_model_args(replace(
+                model_args, model_name_or_path=path,
+                adapter_name_or_path=None if args.model_name_or_path else model_args.adapter_name_or_path))
         self._identity = None
         self._model = None
         self._dim = None
@@ -94,7 +107,9 @@ class EmbedStage(Stage):
         """The encoder in the key: its files' content hash (sentence-transformers) or model_identity."""
         if self._identity is None:
             if self.backend == "sentence-transformers":
-                self._identity = {"weights": fingerprint_directory(self.model_args.model_name_or_path)}
+                folder = self.model_args.model_name_or_path
+                hub = snapshot_identity(folder)  # a hub snapshot: its repo and commit, no weights hashed
+                self._identity = {"weights": hub} if hub else {"weights": fingerprint_directory(folder)}
             else:
                 self._identity = model_identity(self.model_args)
         return self._identity

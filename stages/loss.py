@@ -15,7 +15,7 @@ import torch
 from stages.args import LossArgs, ModelArgs
 from stages.base import SignalDesc, Stage
 from stages.batching import IGNORE_INDEX, length_sorted_batches, pad_batch
-from stages.models import load_model, load_tokenizer, model_identity, model_sources
+from stages.models import load_model, load_tokenizer, model_identity, model_sources, resolve_model_args
 from store.errors import FlexfeedError
 
 
@@ -46,7 +46,7 @@ class LossStage(Stage):
             margs = replace(margs, model_name_or_path=args.model_name_or_path, adapter_name_or_path=None)
         if args.adapter_name_or_path:
             margs = replace(margs, adapter_name_or_path=args.adapter_name_or_path)
-        self.model_args = margs
+        self.model_args = resolve_model_args(margs)  # a hub id's snapshot, once: every worker loads it
         self._identity = None
         self._model = None
 

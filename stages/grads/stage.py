@@ -13,7 +13,14 @@ from stages.batching import length_sorted_batches, pad_batch
 from stages.grads.checkpoint import checkpoint_identity, checkpoint_lr, checkpoint_step
 from stages.grads.features import build_projector, compute_features
 from stages.grads.precondition import AdamPreconditioner, load_adam_state
-from stages.models import load_model, load_tokenizer, model_identity, model_sources, source_path
+from stages.models import (
+    load_model,
+    load_tokenizer,
+    model_identity,
+    model_sources,
+    resolve_model_args,
+    source_path,
+)
 from store.errors import FlexfeedError
 
 
@@ -36,7 +43,8 @@ class GradsStage(Stage):
         self.live = live
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         # the checkpoint's adapter is the model whose gradients we take
-        self.model_args = replace(model_args, adapter_name_or_path=self.checkpoint) if checkpoint else model_args
+        self.model_args = resolve_model_args(  # a hub id's snapshot, once: every worker loads it
+            replace(model_args, adapter_name_or_path=self.checkpoint) if checkpoint else model_args)
         self._spec: dict | None = None
         self._model = self._projector = self._preconditioner = None
         self._pad_id = 0
