@@ -1,26 +1,33 @@
-"""A run's data and stores: tokenizer, train and target rows, one store per dataset fingerprint."""
+"""A run's data and stores: tokenizer, train, target and evaluation rows, one store per dataset fingerprint."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from stages.data import TokenizedData, load_data
 from stages.models import load_tokenizer
 from store.store import Store
 
 from .config import RunConfig
+from .evaluation import split_seed, split_validation
 
 
 @dataclass
 class Prepared:
-    """Tokenizer, train and target data, and their stores (one store per dataset fingerprint)."""
+    """Tokenizer, train, target and evaluation data, and the stores of train and target."""
 
     tokenizer: object
     train: TokenizedData
     target: TokenizedData | None
     train_store: Store
     target_store: Store | None
+    eval: TokenizedData | None = None
+    """The evaluation set: eval_dataset's rows or the held-out ones (None when there is none or it was not asked for)."""
+    train_rows: np.ndarray | None = None
+    """With val_size: the training rows' positions in the loaded datasets (the rest are held out)."""
 
 
 def store_for(cfg: RunConfig, data: TokenizedData) -> Store:
@@ -30,11 +37,32 @@ def store_for(cfg: RunConfig, data: TokenizedData) -> Store:
                                 shard_rows=cfg.store.shard_rows, dataset_info={"datasets": data.domain_names})
 
 
-def prepare(cfg: RunConfig, *, need_target: bool = True) -> Prepared:
-    """Tokenize the train (and target) datasets and open (or create) their stores."""
+def target_names(cfg: RunConfig) -> list[str]:
+    """The selectors' target datasets: target_dataset, else eval_dataset."""
+    return list(cfg.data.target_dataset or cfg.data.eval_dataset)
+
+
+def prepare(cfg: RunConfig, *, need_target: bool = True, need_eval: bool = False) -> Prepared:
+    """Tokenize the train (and target, and evaluation) datasets and open (or create) their stores.
+
+    With val_size the held-out rows leave the training rows here, so every stage and the trainer see the same
+    training set (its own fingerprint, its own store).
+    """
     tok = load_tokenizer(cfg.model)
     train = load_data(cfg.data, tok)
+    held_out = train_rows = None
+    if cfg.data.val_size:
+        split = split_validation(train, cfg.data.val_size, split_seed(cfg))
+        train, held_out, train_rows = split.train, split.held_out, split.kept
     target = None
-    if need_target and cfg.data.eval_dataset:
-        target = load_data(cfg.data, tok, list(cfg.data.eval_dataset))
-    return Prepared(tok, train, target, store_for(cfg, train), store_for(cfg, target) if target is not None else None)
+    names = target_names(cfg)
+    if need_target and names:
+        target = load_data(cfg.data, tok, names)
+    evaluated = None
+    if need_eval and held_out is not None:
+        evaluated = held_out
+    elif need_eval and cfg.data.eval_dataset:
+        same = target is not None and names == list(cfg.data.eval_dataset)
+        evaluated = target if same else load_data(cfg.data, tok, list(cfg.data.eval_dataset))
+    return Prepared(tok, train, target, store_for(cfg, train), store_for(cfg, target) if target is not None else None,
+                    eval=evaluated, train_rows=train_rows)

@@ -22,8 +22,9 @@ from store.hashing import stable_hash
 
 from .config import RunConfig, to_training_arguments
 from .decision_context import DecisionContexts, new_run_id
+from .evaluation import eval_callbacks, eval_dataset_for
 from .plan import Windows
-from .prepared import Prepared, prepare
+from .prepared import Prepared, prepare, target_names
 from .refresh import plan_routes
 from .rows import RowCollator, RowsDataset
 from .run_files import (
@@ -117,11 +118,19 @@ def step_budget(args, num_rows: int) -> int:
     return max(1, math.ceil(args.num_train_epochs * num_rows / global_batch_of(args)))
 
 
-def build_stages(cfg: RunConfig, seed: int, num_rows: int) -> list[PlanStage]:
-    """The data plan's stages, with what each reads from outside the store checked before training."""
+def build_stages(cfg: RunConfig, seed: int, num_rows: int, rows: np.ndarray | None = None) -> list[PlanStage]:
+    """The data plan's stages, with what each reads from outside the store checked before training.
+
+    `rows`: the training rows' positions in the loaded datasets when val_size held some out.
+    """
     stages = configured_stages(cfg, seed)
+
+    def values(name: str) -> np.ndarray:
+        v = row_values(cfg.data, name)
+        return v if rows is None else v[rows]
+
     for stage in stages:  # e.g. a reorder's score file or its rows' score field: length and values
-        stage.strategy.check(num_rows, lambda name: row_values(cfg.data, name))
+        stage.strategy.check(num_rows, values)
     return stages
 
 
@@ -146,7 +155,7 @@ def build_flex_run(cfg: RunConfig, args, p: Prepared) -> tuple[FlexRun, Decision
     config implies is raised before the first step.
     """
     kind = cfg.flex.train_type
-    stages = build_stages(cfg, args.seed, len(p.train))
+    stages = build_stages(cfg, args.seed, len(p.train), p.train_rows)
     if not stages:
         return FlexRun(kind), None
     component = ", ".join(f"{s.family}:{s.strategy.name}" for s in stages) if kind == "plan" else str(cfg.flex.component)
@@ -182,16 +191,20 @@ def resume_point(cfg: RunConfig, args, flex: FlexRun) -> str | None:
 def train(cfg: RunConfig, *, extra_callbacks=(), prepared: Prepared | None = None) -> dict:
     """Run training as configured; returns a small summary (paths, steps, final loss)."""
     args = training_arguments(cfg)
-    p = prepared or prepare(cfg, need_target=bool(cfg.data.eval_dataset))
+    p = prepared or prepare(cfg, need_target=bool(target_names(cfg)), need_eval=True)
     args.max_steps = step_budget(args, len(p.train))
+    if args.eval_strategy != "no" and p.eval is None:
+        raise FlexfeedError("eval_strategy evaluates, but the prepared data has no evaluation set",
+                            "prepare(cfg, need_eval=True)")
     flex, contexts = build_flex_run(cfg, args, p)
+    callbacks = [FlexfeedCallback(flex, args.output_dir), *eval_callbacks(cfg, args, p.eval), *extra_callbacks]
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pad_id = p.tokenizer.pad_token_id if p.tokenizer.pad_token_id is not None else 0
     trainer = FlexfeedTrainer(model=load_model(cfg.model, trainable=True), args=args,
-                              train_dataset=RowsDataset(p.train), data_collator=RowCollator(pad_id),
-                              processing_class=p.tokenizer, flex=flex,
-                              callbacks=[FlexfeedCallback(flex, args.output_dir), *extra_callbacks])
+                              train_dataset=RowsDataset(p.train), eval_dataset=eval_dataset_for(cfg, p.eval),
+                              data_collator=RowCollator(pad_id), processing_class=p.tokenizer, flex=flex,
+                              callbacks=callbacks)
     if contexts is not None:
         contexts.bind(trainer, flex.scheduler)
     result = trainer.train(resume_from_checkpoint=resume_point(cfg, args, flex))
@@ -248,7 +261,7 @@ def _write_outputs(trainer, flex: FlexRun, p: Prepared, cfg: RunConfig, out_dir:
     if cfg.data.val_dataset:
         val = load_data(cfg.data, p.tokenizer, list(cfg.data.val_dataset))
         summary["eval_loss"] = evaluate_domains(model, p.tokenizer, val)
-    elif p.target is not None:
-        summary["eval_loss"] = evaluate_domains(model, p.tokenizer, p.target)
+    elif p.eval is not None or p.target is not None:
+        summary["eval_loss"] = evaluate_domains(model, p.tokenizer, p.eval if p.eval is not None else p.target)
     summary["log_history"] = trainer.state.log_history
     (out_dir / RUN_FILE).write_text(json.dumps(summary, indent=1, default=str))

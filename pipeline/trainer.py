@@ -1,7 +1,8 @@
 """FlexfeedTrainer: Hugging Face Trainer with a plan sampler, per-sample weights and saved strategy state.
 
-Nothing of Trainer's loop is copied: the sampler (`_get_train_sampler`), `compute_loss` and a callback
-are the only hooks used, so DeepSpeed, gradient accumulation, logging and checkpointing stay Trainer's.
+Nothing of Trainer's loop is copied: the samplers (`_get_train_sampler`, `_get_eval_sampler`), `compute_loss`,
+`evaluation_loop` (to add per-domain losses) and a callback are the only hooks used, so DeepSpeed, gradient
+accumulation, evaluation, logging and checkpointing stay Trainer's.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
 from stages.loss import per_sample_loss
 from store.errors import FlexfeedError
 
+from .evaluation import present_domains
 from .sampler import PlanSampler
 from .scheduler import Scheduler
 from .state_io import save_state
@@ -48,6 +51,7 @@ class FlexfeedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.flex = flex or FlexRun("static")
         self._logged_decisions = 0
+        self._eval_losses: list | None = None  # (per-sample losses, domains) of each evaluation batch, when kept
         if self.flex.weight_stages():
             # our weighted loss is a per-batch mean: let Trainer divide it by the accumulation steps
             self.loss_is_scaled_for_ga = False
@@ -64,6 +68,31 @@ class FlexfeedTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         return PlanSampler(self.flex.scheduler)
 
+    def _get_eval_sampler(self, eval_dataset):
+        """Evaluation reads its rows in order, never through the plan (accelerate splits them across ranks)."""
+        if eval_dataset is None or self.args.world_size > 1:
+            return None  # as Trainer: the DataLoader's own sequential order, sharded by accelerate
+        return SequentialSampler(eval_dataset)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Trainer's evaluation, plus `<prefix>_<domain>_loss` (mean per-sample loss) when the set spans domains."""
+        data = getattr(dataloader.dataset, "data", None)
+        names = present_domains(data) if data is not None else []
+        self._eval_losses = [] if len(names) > 1 else None
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        finally:
+            kept, self._eval_losses = self._eval_losses, None
+        if kept:
+            losses = np.concatenate([k[0] for k in kept])
+            domains = np.concatenate([k[1] for k in kept])
+            for k, name in enumerate(data.domain_names):
+                if (domains == k).any():
+                    output.metrics[f"{metric_key_prefix}_{name}_loss"] = float(losses[domains == k].mean())
+        return output
+
     def _gather(self, per_sample: torch.Tensor, rows: torch.Tensor, domains: torch.Tensor):
         """Global batch (all ranks, rank order): identical numpy arrays on every rank."""
         stacked = torch.stack([per_sample.detach().float(), rows.to(per_sample.device).float(),
@@ -74,10 +103,12 @@ class FlexfeedTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop("row_id", None)
         domains = inputs.pop("domain", None)
+        if not model.training:
+            return self._eval_loss(model, inputs, domains, return_outputs, num_items_in_batch)
         step = self.state.global_step
         mixer = self.flex.mixer
         weighters = [s for s in self.flex.weight_stages() if step >= s.warmup_step]
-        if rows is None or not model.training or (mixer is None and not weighters):
+        if rows is None or (mixer is None and not weighters):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not weighters:  # a mixer observes the batch; the loss stays Trainer's own
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
@@ -102,6 +133,17 @@ class FlexfeedTrainer(Trainer):
         local = torch.as_tensor(w[rank * b : (rank + 1) * b], dtype=per.dtype, device=per.device)
         loss = (local * per).mean()
         self.flex.weight_log.append({"step": step, "weights": w.round(5).tolist(), "losses": g_loss.round(5).tolist()})
+        return (loss, outputs) if return_outputs else loss
+
+    def _eval_loss(self, model, inputs, domains, return_outputs, num_items_in_batch):
+        """Evaluation: Trainer's own, unweighted loss, seen by no strategy; per-sample losses kept by domain
+        when evaluation_loop asks (gathered over ranks without the padding rows of the last batch)."""
+        if self._eval_losses is None or domains is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        per, _ = per_sample_loss(outputs.logits.detach(), inputs["labels"])
+        per, dom = self.accelerator.gather_for_metrics((per.float(), domains.to(per.device)))
+        self._eval_losses.append((per.cpu().numpy().astype(np.float64), dom.cpu().numpy()))
         return (loss, outputs) if return_outputs else loss
 
     def _observe(self, mixer, g_loss: np.ndarray, g_rows: np.ndarray, g_dom: np.ndarray) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from stages.templates import check_template_name
-from stages.values import bounded, check_fields
+from stages.values import FieldError, bounded, check_fields
 
 
 @dataclass(kw_only=True)
@@ -73,14 +73,30 @@ class DataArgs:
     max_samples: int | None = bounded(None, low=1, high=10**12)
     """Keep at most this many rows per dataset."""
     eval_dataset: list[str] = field(default_factory=list)
-    """Target dataset names (their own store, gradients and embeddings): what selectors aim at."""
+    """Evaluation dataset names: evaluated every `eval_steps` under `eval_strategy` (`eval_loss`), and the selectors' target (their own store, gradients and embeddings) unless target_dataset is set."""
+    target_dataset: list[str] = field(default_factory=list)
+    """Target dataset names, what selectors aim at, when it should differ from eval_dataset (then eval_dataset is only evaluated)."""
+    val_size: float = bounded(0.0, low=0, high=10**12)
+    """Hold out this share (below 1) or this many rows (1 or more) of the training rows, drawn with `seed`, as the evaluation set (as LLaMA-Factory's val_size); they are never trained on, and are no selection target."""
+    eval_on_each_dataset: bool = False
+    """Evaluate each evaluation dataset (or, with val_size, each domain's held-out rows) on its own: `eval_<name>_loss` and no overall `eval_loss`."""
     val_dataset: list[str] = field(default_factory=list)
-    """Validation dataset names, one per domain you want measured: per-domain loss at the end of training (default eval_dataset)."""
+    """Validation dataset names, one per domain you want measured: per-domain loss at the end of training (default: the evaluation set, else the target)."""
 
     def __post_init__(self):
         check_fields(self)
         if self.template is not None:
             check_template_name(self.template)
+        if self.val_size >= 1 and not float(self.val_size).is_integer():
+            raise FieldError("val_size", f" is {self.val_size!r}: a share must be below 1, a row count whole",
+                             "write e.g. 0.1 (a tenth of the rows) or 200 (rows)")
+        if self.val_size and self.eval_dataset:
+            raise FieldError("val_size", " and eval_dataset are both set: both name the evaluation set",
+                             "keep one; to aim the selectors at eval_dataset while evaluating on held-out rows, "
+                             "name it target_dataset")
+        if self.eval_on_each_dataset and not (self.val_size or self.eval_dataset):
+            raise FieldError("eval_on_each_dataset", " is set but there is no evaluation set",
+                             "set eval_dataset or val_size, or drop eval_on_each_dataset")
 
 
 @dataclass(kw_only=True)

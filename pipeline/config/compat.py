@@ -132,13 +132,11 @@ LLAMAFACTORY_KEYS: dict[str, CompatKey] = {
     "plot_loss": CompatKey(reason="`flexfeed report` plots the loss curves from the trainer log"),
     "tokenized_path": CompatKey(reason="flexfeed keeps no tokenized dataset on disk"),
     "disable_shuffling": CompatKey(reason="the training order comes from the sampler's seed and the component"),
-    "val_size": CompatKey(reason="flexfeed does not split the training data; name the data in eval_dataset"),
     "train_from_scratch": CompatKey(reason="not supported: the pretrained weights of model_name_or_path are "
                                            "loaded; point model_name_or_path at a freshly initialised model"),
     "pure_bf16": CompatKey(reason="pure-bf16 training is not supported; bf16 gives mixed precision"),
     "print_param_status": CompatKey(reason="peft prints the trainable parameter count"),
     "include_effective_tokens_per_second": CompatKey(reason="the run report has tokens per second"),
-    "early_stopping_steps": CompatKey(reason="early stopping is not supported"),
     **{key: CompatKey(reason=_SWANLAB) for key in (
         "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode",
         "swanlab_api_key", "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},

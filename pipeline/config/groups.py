@@ -21,6 +21,7 @@ from stages.values import Range, bounded, check_fields, did_you_mean
 from store.errors import FlexfeedError
 
 from .compat import FAMILY_ALIASES, KEY_RENAMES, LLAMAFACTORY_KEYS, SPECIAL_KEYS, TRAIN_TYPE_ALIASES
+from .eval_checks import check_evaluation
 
 MAX_STEPS = 10**9
 """Largest step count accepted anywhere (a bigger one is a typo, not a plan)."""
@@ -167,7 +168,24 @@ class RefreshArgs:
         check_fields(self)
 
 
-FLAT_GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "store": StoreArgs, "flex": FlexArgs}
+@dataclass(kw_only=True)
+class EvalArgs:
+    """Early stopping on the evaluation set (LLaMA-Factory's early_stopping_steps, DataFlex's min delta)."""
+
+    early_stopping_steps: int | None = bounded(None, low=1, high=MAX_STEPS)
+    """Stop after this many evaluations in a row that do not improve metric_for_best_model (default eval_loss): transformers' EarlyStoppingCallback patience; needs eval_strategy steps or epoch."""
+    early_stopping_min_delta: float | None = bounded(None, low=0, high=10**9)
+    """An evaluation improves only when it beats the best by more than this (the callback's threshold); default 0; needs early_stopping_steps."""
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.early_stopping_min_delta is not None and self.early_stopping_steps is None:
+            raise FlexfeedError("early_stopping_min_delta is read with early_stopping_steps",
+                                "set early_stopping_steps (the patience, in evaluations), or drop the min delta")
+
+
+FLAT_GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "store": StoreArgs, "flex": FlexArgs,
+                                "evaluation": EvalArgs}
 """Groups whose fields are written as top-level keys, in lookup order (TrainingArguments come last)."""
 SECTION_GROUPS: dict[str, type] = {"embed": EmbedArgs, "loss": LossArgs, "grads": GradsArgs, "index": IndexArgs,
                                    "runner": RunnerArgs, "refresh": RefreshArgs}
@@ -222,6 +240,8 @@ class RunConfig:
     """What the online trainer decides, and when."""
     refresh: RefreshArgs
     """Which signals are recomputed as the model changes."""
+    evaluation: EvalArgs = field(default_factory=EvalArgs)
+    """Early stopping on the evaluation set (what is evaluated is the data group's; when, the training keys')."""
     path: Path | None = None
     """The config file (None for a config built in code)."""
     warnings: list[str] = field(default_factory=list)
@@ -233,6 +253,7 @@ class RunConfig:
         extra = [t for t in template_special_tokens(self.data.template) if t not in self.model.new_special_tokens]
         if extra:
             self.model.new_special_tokens = [*self.model.new_special_tokens, *extra]
+        check_evaluation(self)  # evaluation spans data, training keys and early stopping: refused here, at load
 
 
 def training_fields() -> dict[str, dataclasses.Field]:

@@ -112,12 +112,36 @@ flexfeed train configs/select_less.yaml learning_rate=2.0e-4 grads.proj_dim=256 
 """
 
 
+_EVALUATION = """\
+## Evaluation
+
+As in LLaMA-Factory: the evaluation set is `eval_dataset`, or the training rows `val_size` holds out (a share
+below 1, rounded up, or a row count; drawn with `seed`; never trained on). It is evaluated every `eval_steps`
+under `eval_strategy` (`steps`, `epoch`; `no` by default) with `per_device_eval_batch_size`, in order, with the
+plain (unweighted) loss, outside the data plan: evaluating changes no batch, decision or learning rate. Each
+evaluation logs `eval_loss` (Trainer's: each batch's token mean, batches weighted by their rows) and, when the
+set spans several datasets (domains), `eval_<name>_loss` (the mean per-row loss of that domain);
+`eval_on_each_dataset: true` evaluates each dataset alone instead (`eval_<name>_loss`, no `eval_loss`).
+`metric_for_best_model`, `greater_is_better`, `load_best_model_at_end` and `save_total_limit` are
+transformers'; `early_stopping_steps` (patience, in evaluations) and `early_stopping_min_delta` add its
+EarlyStoppingCallback, comparing `metric_for_best_model` (default `eval_loss`).
+
+The selectors' target is `target_dataset` when set, else `eval_dataset`; held-out rows are never a target.
+`val_dataset` still gives a per-domain loss at the end of training (default: the evaluation set). Refused at
+load, in one line: evaluation (`eval_strategy`, `load_best_model_at_end`, early stopping) without an evaluation
+set or with `eval_strategy: no`; save and eval strategies or steps transformers would refuse with
+`load_best_model_at_end`; a `metric_for_best_model` evaluation does not log; `val_size` with `eval_dataset`.
+"""
+
+
 def reference_markdown() -> str:
     """The whole of docs/config.md."""
     out = [_INTRO]
-    titles = {"model": "Model", "data": "Data", "store": "Store", "flex": "flexfeed (what the trainer decides)"}
+    titles = {"model": "Model", "data": "Data", "store": "Store", "flex": "flexfeed (what the trainer decides)",
+              "evaluation": "Early stopping"}
     for name, cls in FLAT_GROUPS.items():
         out += [f"## {titles[name]}: flat keys (`{cls.__name__}`)", "", *group_table(cls), ""]
+    out += [_EVALUATION]
     for name, cls in SECTION_GROUPS.items():
         out += [f"## Section `{name}` (`{cls.__name__}`)", "",
                 f"Written as a `{name}:` mapping; override one key with `{name}.KEY=VALUE`.", "",
