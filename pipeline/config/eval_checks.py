@@ -68,9 +68,13 @@ def check_evaluation(cfg: RunConfig) -> None:
         raise FlexfeedError(f"{cfg.path}: {message}" if cfg.path else message, hint)
 
     strategy = str(get("eval_strategy"))
-    if strategy != "no" and not (data.eval_dataset or data.val_size):
+    has_set = bool(data.eval_dataset or data.val_size)
+    if strategy != "no" and not has_set:
         fail(f"eval_strategy is {strategy} but there is no evaluation set",
              "set eval_dataset (datasets to evaluate) or val_size (training rows to hold out), or eval_strategy: no")
+    if get("eval_on_start") and not has_set:
+        fail("eval_on_start is set but there is no evaluation set",
+             "set eval_dataset (datasets to evaluate) or val_size (training rows to hold out), or drop eval_on_start")
     patience = cfg.evaluation.early_stopping_steps
     if patience is not None and strategy == "no":
         fail("early_stopping_steps counts evaluations, but eval_strategy is no",
@@ -79,11 +83,13 @@ def check_evaluation(cfg: RunConfig) -> None:
     if best_at_end:
         _check_best_model(strategy, get, fail)
     metric = training.get("metric_for_best_model")
-    if strategy == "no" or not (metric or best_at_end or patience is not None):
+    on_metric = str(get("lr_scheduler_type")) in ("reduce_lr_on_plateau", "greedy")  # they read it too
+    if strategy == "no" or not (metric or best_at_end or on_metric or patience is not None):
         return
     choices = eval_metric_names(data)
     if metric is None and "eval_loss" not in choices:
-        fail("eval_on_each_dataset logs no overall eval_loss for the best model or early stopping to compare",
+        fail("eval_on_each_dataset logs no overall eval_loss for the best model, early stopping or the scheduler to "
+             "compare",
              f"set metric_for_best_model to one of: {', '.join(choices)}")
     if metric is not None and metric_key(metric) not in choices:
         fail(f"metric_for_best_model {metric!r} is not logged by evaluation",

@@ -238,6 +238,9 @@ BASE = {"model_name_or_path": "m", "dataset": "a,b", "output_dir": "o"}
     ({"val_size": 2.5}, "val_size"),
     ({"val_size": -1}, "val_size"),
     ({"eval_on_each_dataset": True}, "eval_on_each_dataset"),
+    ({"eval_on_start": True}, "eval_on_start"),
+    ({"eval_strategy": "steps", "eval_dataset": "t,u", "eval_on_each_dataset": True,
+      "lr_scheduler_type": "reduce_lr_on_plateau"}, "metric_for_best_model"),
 ])
 def test_config_errors_are_one_line_at_load(tmp_path, extra, says):
     path = tmp_path / "run.yaml"
