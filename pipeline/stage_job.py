@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from stages.base import Stage
 from stages.data import TokenizedData
 from stages.runner import RunResult, run_stage
+from stages.trained_rows import check_trained_rows
 from store.errors import FlexfeedError
 from store.faiss_index import build_index, index_status
 from store.store import Store
@@ -23,6 +26,7 @@ def run_stage_job(cfg: RunConfig, which: str, *, progress: bool = True, prepared
     if which not in (*STAGES, "all"):
         raise FlexfeedError(f"unknown stage {which!r}", f"use one of {', '.join(STAGES)} or all")
     p = prepared or prepare(cfg)
+    check_trained_rows(p.train, cfg.data.cutoff_len)  # losses of rows that train nothing would all be 0
     results: list[RunResult] = []
     todo = STAGES if which == "all" else (which,)
     for name in todo:
@@ -68,10 +72,18 @@ def index_job(cfg: RunConfig, p: Prepared) -> list[RunResult]:
     out = []
     for store in [s for s in (p.train_store, p.target_store) if s is not None]:
         for sig in store.find(cfg.index.signal):
-            fresh = index_status(sig) == "fresh"
-            if not fresh and sig.is_complete():
-                build_index(sig, flat_max_rows=cfg.index.flat_max_rows)
-            out.append(RunResult(signal=f"index:{sig.name}", key=sig.key, computed=[] if fresh else [0],
-                                 skipped=1 if fresh else 0))
+            name = f"index:{sig.name}"
+            if index_status(sig) == "fresh":
+                out.append(RunResult(signal=name, key=sig.key, skipped=1, note="index up to date, reused"))
+                continue
+            committed = len(sig.records())
+            if committed < sig.num_shards:
+                out.append(RunResult(signal=name, key=sig.key, note=f"not built: {sig.name} has {committed} of "
+                                     f"{sig.num_shards} shards (run `flexfeed stage embed CONFIG`)"))
+                continue
+            t0 = time.perf_counter()
+            index = build_index(sig, flat_max_rows=cfg.index.flat_max_rows)
+            seconds = time.perf_counter() - t0
+            out.append(RunResult(signal=name, key=sig.key, computed=[0], rows=sig.num_rows, seconds=seconds,
+                                 note=f"built {index.kind} index over {index.num_rows} rows in {seconds:.1f} s"))
     return out
-

@@ -64,8 +64,12 @@ class RunResult:
     skipped: int = 0
     rows: int = 0
     seconds: float = 0.0
+    note: str = ""
+    """What was done, when it is not shards of rows (an index built or reused)."""
 
     def summary(self) -> str:
+        if self.note:
+            return f"{self.signal}: {self.note}"
         if not self.computed:
             return f"{self.signal}: all {self.skipped} shards reused from the store, nothing recomputed"
         return (f"{self.signal}: computed {len(self.computed)} shards ({self.rows} rows) in {self.seconds:.1f} s, "
@@ -125,17 +129,11 @@ def run_stage(stage: Stage, data, store: Store, runner: RunnerArgs | None = None
     t0 = time.perf_counter()
     bar = _progress(len(todo), sig.name, progress)
     try:
-        if runner.scheduler == INLINE:
-            for shard in todo:
-                start, stop = sig.shard_range(shard)
-                _, n, _ = compute_and_commit(stage, str(store.root), sig.key, shard, data.rows(start, stop), step,
-                                             model, runner.threads_per_worker)
-                result.computed.append(shard)
-                result.rows += n
-                bar.update(1)
-                bar.set_postfix(rows=result.rows)
-        else:
-            _run_dask(stage, data, store, sig, todo, step, model, runner, result, bar)
+        try:
+            _compute(stage, data, store, sig, todo, step, model, runner, result, bar)
+        except BaseException:
+            store.drop_if_empty(sig)  # a run that failed before its first commit leaves no empty signal behind
+            raise
     finally:
         bar.close()
     result.seconds = time.perf_counter() - t0
@@ -143,6 +141,21 @@ def run_stage(stage: Stage, data, store: Store, runner: RunnerArgs | None = None
     store.log_stage(stage=sig.name, key=sig.key, computed=len(result.computed), skipped=result.skipped,
                     rows=result.rows, seconds=round(result.seconds, 3))
     return result
+
+
+def _compute(stage, data, store, sig, todo, step, model, runner, result, bar) -> None:
+    """Compute and commit the shards of ``todo``, in this process or as Dask tasks, counting into ``result``."""
+    if runner.scheduler == INLINE:
+        for shard in todo:
+            start, stop = sig.shard_range(shard)
+            _, n, _ = compute_and_commit(stage, str(store.root), sig.key, shard, data.rows(start, stop), step,
+                                         model, runner.threads_per_worker)
+            result.computed.append(shard)
+            result.rows += n
+            bar.update(1)
+            bar.set_postfix(rows=result.rows)
+    else:
+        _run_dask(stage, data, store, sig, todo, step, model, runner, result, bar)
 
 
 def _progress(total: int, name: str, enabled: bool):

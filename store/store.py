@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .layout import (
     check_name,
     signal_dir,
 )
-from .locks import FileLock
+from .locks import FileLock, is_locked
 from .manifest import SignalMeta, StoreMeta
 from .signal import Signal
 
@@ -183,6 +184,22 @@ class Store:
                     SignalMeta(key=key, name=name, dtype=dtype, dim=dim, spec=json.loads(canonical_json(spec)),
                                sources=sources).save(sdir / SIGNAL_META)
         return self.get(key)
+
+    def drop_if_empty(self, sig: Signal) -> bool:
+        """Remove a signal no shard was ever committed to (its creator failed first): True if it was removed.
+
+        It is kept when it has a commit record, a writer holds one of its shards, or the disk refuses (this
+        runs while another error is on its way out, which it must not hide).
+        """
+        try:
+            with FileLock(self.root / LOCKS_DIR / f"create-{sig.key}.lock", timeout_s=0, note_pid=False):
+                if sig.record_files() or any(is_locked(sig.lock_path(s)) for s in range(sig.num_shards)):
+                    return False
+                (sig.dir / SIGNAL_META).unlink()  # invisible first: a signal folder without a header is debris
+                shutil.rmtree(sig.dir, ignore_errors=True)
+                return True
+        except (OSError, StoreError):
+            return False
 
     def get(self, key: str) -> Signal:
         sdir = signal_dir(self.root, key)
