@@ -34,7 +34,7 @@ class Section:
 
 
 # --------------------------------------------------------------------------- figures
-def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 3.6):
+def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 3.6):
     # Figure without pyplot: no global backend state, and savefig to PNG renders with Agg
     from matplotlib.figure import Figure
 
@@ -43,7 +43,7 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 
     return fig, axes
 
 
-def _save(fig, out_dir: Path, name: str) -> Path:
+def save_png(fig, out_dir: Path, name: str) -> Path:
     path = out_dir / name
     fig.savefig(path, format="png")
     return path
@@ -68,14 +68,14 @@ def plot_losses(runs: list[RunData], out_dir: Path) -> Path | None:
     curves = [c for c in curves if c[1]]
     if not curves:
         return None
-    fig, axes = _figure(width=8)
+    fig, axes = new_figure(width=8)
     ax = axes[0, 0]
     for run, steps, losses in curves:
         ax.plot(steps, losses, marker="o" if len(steps) < 30 else None, markersize=3, label=run.label)
     ax.set(title="Training loss", xlabel="optimizer step", ylabel="mean token loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, "loss.png")
+    return save_png(fig, out_dir, "loss.png")
 
 
 def _proportion_series(run: RunData) -> tuple[list[int], dict[str, list[float]]]:
@@ -99,7 +99,7 @@ def plot_proportions(runs: list[RunData], out_dir: Path) -> Path | None:
     series = [s for s in series if s[1]]
     if not series:
         return None
-    fig, axes = _figure(ncols=len(series), width=5.5)
+    fig, axes = new_figure(ncols=len(series), width=5.5)
     for ax, (run, steps, props) in zip(axes[0], series, strict=True):
         names = list(props)
         colors = _colors(names)
@@ -111,7 +111,7 @@ def plot_proportions(runs: list[RunData], out_dir: Path) -> Path | None:
         ax.set(title=f"Domain proportions: {run.label}", xlabel="optimizer step", ylabel="share of batch",
                ylim=(0, 1), xlim=(xs[0], xs[-1]))
         ax.legend(fontsize=8, loc="upper right")
-    return _save(fig, out_dir, "mix_proportions.png")
+    return save_png(fig, out_dir, "mix_proportions.png")
 
 
 def plot_mix_losses(runs: list[RunData], out_dir: Path) -> Path | None:
@@ -119,7 +119,7 @@ def plot_mix_losses(runs: list[RunData], out_dir: Path) -> Path | None:
     runs = [r for r in runs if r.kind in ("mix", "plan") and r.mix]
     if not runs:
         return None
-    fig, axes = _figure(ncols=len(runs), width=5.5)
+    fig, axes = new_figure(ncols=len(runs), width=5.5)
     for ax, run in zip(axes[0], runs, strict=True):
         per: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for rec in run.mix:
@@ -132,7 +132,7 @@ def plot_mix_losses(runs: list[RunData], out_dir: Path) -> Path | None:
         ax.set(title=f"Per-domain batch loss: {run.label}", xlabel="optimizer step", ylabel="mean sample loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, out_dir, "mix_domain_loss.png")
+    return save_png(fig, out_dir, "mix_domain_loss.png")
 
 
 def plot_selection(runs: list[RunData], out_dir: Path) -> Path | None:
@@ -140,7 +140,7 @@ def plot_selection(runs: list[RunData], out_dir: Path) -> Path | None:
     runs = [r for r in runs if r.kind == "select" and any(d.get("per_domain") for d in r.decisions)]
     if not runs:
         return None
-    fig, axes = _figure(ncols=len(runs), width=5.5)
+    fig, axes = new_figure(ncols=len(runs), width=5.5)
     for ax, run in zip(axes[0], runs, strict=True):
         recs = [d for d in run.decisions if d.get("per_domain")]
         names = run.domains or sorted({n for d in recs for n in d["per_domain"]})
@@ -159,7 +159,7 @@ def plot_selection(runs: list[RunData], out_dir: Path) -> Path | None:
                       fontsize=7)
         ax.set(title=f"Selected rows by domain: {run.label}", xlabel="window (@ first step)", ylabel="rows")
         ax.legend(fontsize=8)
-    return _save(fig, out_dir, "selection.png")
+    return save_png(fig, out_dir, "selection.png")
 
 
 def plot_filter(runs: list[RunData], out_dir: Path) -> Path | None:
@@ -167,7 +167,7 @@ def plot_filter(runs: list[RunData], out_dir: Path) -> Path | None:
     runs = [(r, pools) for r in runs if (pools := filter_pools(r))]
     if not runs:
         return None
-    fig, axes = _figure(ncols=len(runs), width=5.5)
+    fig, axes = new_figure(ncols=len(runs), width=5.5)
     for ax, (run, pools) in zip(axes[0], runs, strict=True):
         bars = [(label, p) for label, ps in pools.items() for p in ps]
         names = run.domains or sorted({n for _, p in bars for n in p.per_domain})
@@ -188,7 +188,7 @@ def plot_filter(runs: list[RunData], out_dir: Path) -> Path | None:
         ax.set_xticks(x, [f"{label}\n@{p.step}" if len(pools) > 1 else f"@{p.step}" for label, p in bars],
                       fontsize=7)
         ax.set(title=f"Rows kept by the filter: {run.label}", xlabel="decision (@ step)", ylabel="rows in the pool")
-    return _save(fig, out_dir, "filter.png")
+    return save_png(fig, out_dir, "filter.png")
 
 
 def plot_order(runs: list[RunData], out_dir: Path) -> Path | None:
@@ -196,7 +196,7 @@ def plot_order(runs: list[RunData], out_dir: Path) -> Path | None:
     runs = [(r, order) for r in runs if (order := served_order(r)) is not None]
     if not runs:
         return None
-    fig, axes = _figure(ncols=len(runs), width=6.0)
+    fig, axes = new_figure(ncols=len(runs), width=6.0)
     for ax, (run, order) in zip(axes[0], runs, strict=True):
         q = order.quantiles
         # a step's rows are trained together: each step's band spans [step, step + 1)
@@ -211,7 +211,7 @@ def plot_order(runs: list[RunData], out_dir: Path) -> Path | None:
                ylabel="score of the step's rows")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, out_dir, "order.png")
+    return save_png(fig, out_dir, "order.png")
 
 
 def plot_weights(runs: list[RunData], out_dir: Path) -> Path | None:
@@ -219,7 +219,7 @@ def plot_weights(runs: list[RunData], out_dir: Path) -> Path | None:
     runs = [r for r in runs if r.weights]
     if not runs:
         return None
-    fig, axes = _figure(ncols=2, nrows=len(runs), width=5.0)
+    fig, axes = new_figure(ncols=2, nrows=len(runs), width=5.0)
     for row, run in zip(axes, runs, strict=True):
         w = np.concatenate([np.asarray(r.get("weights") or [], dtype=float) for r in run.weights])
         pairs = [(s, wt, ls) for r in run.weights for s, wt, ls in
@@ -232,7 +232,7 @@ def plot_weights(runs: list[RunData], out_dir: Path) -> Path | None:
             row[1].figure.colorbar(sc, ax=row[1], label="step")
         row[1].set(title=f"Weight vs loss: {run.label}", xlabel="per-sample loss", ylabel="weight")
         row[1].grid(alpha=0.3)
-    return _save(fig, out_dir, "weights.png")
+    return save_png(fig, out_dir, "weights.png")
 
 
 def plot_eval(runs: list[RunData], out_dir: Path) -> Path | None:
@@ -243,7 +243,7 @@ def plot_eval(runs: list[RunData], out_dir: Path) -> Path | None:
     domains: list[str] = []
     for r in runs:
         domains += [d for d in r.run["eval_loss"] if d not in domains]
-    fig, axes = _figure(width=max(6.0, 1.2 * len(domains) * max(1, len(runs)) / 2))
+    fig, axes = new_figure(width=max(6.0, 1.2 * len(domains) * max(1, len(runs)) / 2))
     ax = axes[0, 0]
     width = 0.8 / len(runs)
     x = np.arange(len(domains))
@@ -255,7 +255,7 @@ def plot_eval(runs: list[RunData], out_dir: Path) -> Path | None:
     ax.set(title="Final validation loss per domain", xlabel="validation domain", ylabel="mean sample loss")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, "eval_loss.png")
+    return save_png(fig, out_dir, "eval_loss.png")
 
 
 def plot_stage_time(stores: list[dict], out_dir: Path) -> Path | None:
@@ -263,14 +263,14 @@ def plot_stage_time(stores: list[dict], out_dir: Path) -> Path | None:
     rows = [(s["name"], stage, t["seconds"]) for s in stores for stage, t in s["stages"].items()]
     if not rows or not any(sec for _, _, sec in rows):
         return None
-    fig, axes = _figure(width=7, height=max(2.5, 0.4 * len(rows) + 1))
+    fig, axes = new_figure(width=7, height=max(2.5, 0.4 * len(rows) + 1))
     ax = axes[0, 0]
     ax.barh(np.arange(len(rows)), [r[2] for r in rows], color="tab:orange")
     ax.set_yticks(np.arange(len(rows)), [f"{store}: {stage}" for store, stage, _ in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set(title="Time spent per offline stage", xlabel="seconds (sum over stage runs)")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, out_dir, "stage_time.png")
+    return save_png(fig, out_dir, "stage_time.png")
 
 
 # --------------------------------------------------------------------------- stores

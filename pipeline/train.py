@@ -12,17 +12,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from stages.data import load_data, row_values
 from stages.loss import losses_of
-from stages.models import load_model
+from stages.models import hub_access, load_model
 from store.errors import FlexfeedError
 from store.hashing import stable_hash
 
 from .config import RunConfig, to_training_arguments
 from .decision_context import DecisionContexts, new_run_id
 from .evaluation import eval_callbacks, eval_dataset_for
+from .loss_plot import plot_run_losses
 from .plan import Windows
 from .prepared import Prepared, prepare, target_names
 from .refresh import plan_routes
@@ -201,6 +203,7 @@ def train(cfg: RunConfig, *, extra_callbacks=(), prepared: Prepared | None = Non
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pad_id = p.tokenizer.pad_token_id if p.tokenizer.pad_token_id is not None else 0
+    set_seed(args.seed)  # as LLaMA-Factory: new weights (LoRA, train_from_scratch) drawn from the run's seed
     trainer = FlexfeedTrainer(model=load_model(cfg.model, trainable=True), args=args,
                               train_dataset=RowsDataset(p.train), eval_dataset=eval_dataset_for(cfg, p.eval),
                               data_collator=RowCollator(pad_id), processing_class=p.tokenizer, flex=flex,
@@ -259,9 +262,11 @@ def _write_outputs(trainer, flex: FlexRun, p: Prepared, cfg: RunConfig, out_dir:
                                             strict=True))
     model = trainer.accelerator.unwrap_model(trainer.model)
     if cfg.data.val_dataset:
-        val = load_data(cfg.data, p.tokenizer, list(cfg.data.val_dataset))
+        val = load_data(cfg.data, p.tokenizer, list(cfg.data.val_dataset), hub=hub_access(cfg.model))
         summary["eval_loss"] = evaluate_domains(model, p.tokenizer, val)
     elif p.eval is not None or p.target is not None:
         summary["eval_loss"] = evaluate_domains(model, p.tokenizer, p.eval if p.eval is not None else p.target)
     summary["log_history"] = trainer.state.log_history
+    if cfg.flex.plot_loss:
+        summary["loss_plots"] = [f.name for f in plot_run_losses(trainer.state.log_history, out_dir)]
     (out_dir / RUN_FILE).write_text(json.dumps(summary, indent=1, default=str))

@@ -49,11 +49,18 @@ class ModelArgs:
     """float32, bfloat16 or float16 for loading weights; `auto` keeps the checkpoint's dtype."""
     new_special_tokens: list[str] = field(default_factory=list)
     """Special tokens added to the tokenizer where it lacks them, the model's embeddings resized to match (comma-separated string accepted); a run adds its named template's own (e.g. `<|eot_id|>`)."""
+    train_from_scratch: bool = False
+    """Train the checkpoint's architecture from new weights (drawn from the training seed) instead of its trained ones; offline signals are still computed with the checkpoint's weights, refreshed ones with the model being trained. Full fine-tuning only."""
+    freeze_gate: bool = False
+    """Mixture-of-experts models: keep the routers' weights (and their LoRA adapters) frozen while training; an error on a model with no router."""
 
     def __post_init__(self):
         if isinstance(self.new_special_tokens, str):
             self.new_special_tokens = [t.strip() for t in self.new_special_tokens.split(",") if t.strip()]
         check_fields(self)
+        if self.train_from_scratch and self.finetuning_type != "full":
+            raise FieldError("train_from_scratch", " trains new weights, so LoRA adapters on them would leave the "
+                             "random base frozen", "set finetuning_type: full (as DataFlex's examples that use it do)")
 
 
 @dataclass(kw_only=True)
@@ -72,6 +79,8 @@ class DataArgs:
     """Truncate tokenized samples to this many tokens."""
     max_samples: int | None = bounded(None, low=1, high=10**12)
     """Keep at most this many rows per dataset."""
+    preprocessing_num_workers: int | None = bounded(None, low=1, high=1024)
+    """Tokenize in this many processes (datasets' map with num_proc, as LLaMA-Factory); the token ids are the same as in one process."""
     eval_dataset: list[str] = field(default_factory=list)
     """Evaluation dataset names: evaluated every `eval_steps` under `eval_strategy` (`eval_loss`), and the selectors' target (their own store, gradients and embeddings) unless target_dataset is set."""
     target_dataset: list[str] = field(default_factory=list)

@@ -116,11 +116,22 @@ def _segments(row: dict, ref: RowRef, spec: DatasetSpec, stage: str, template: s
         raise ref.error(None, exc.message, exc.hint) from None
 
 
-def _tokenize(texts: list[str], tokenizer) -> list[list[int]]:
+def _tokenize(texts: list[str], tokenizer, workers: int | None = None) -> list[list[int]]:
+    if workers and workers > 1 and len(texts) > TOKENIZE_CHUNK:
+        return _tokenize_in_processes(texts, tokenizer, workers)
     out: list[list[int]] = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         out += tokenizer(texts[start:start + TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"]
     return out
+
+
+def _tokenize_in_processes(texts: list[str], tokenizer, workers: int) -> list[list[int]]:
+    """_tokenize's ids, computed by `workers` processes (datasets' map with num_proc; order kept)."""
+    table = datasets.Dataset.from_dict({"text": texts})
+    ids = table.map(lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+                    batched=True, batch_size=TOKENIZE_CHUNK, num_proc=min(workers, -(-len(texts) // TOKENIZE_CHUNK)),
+                    remove_columns=["text"], load_from_cache_file=False, desc="tokenizing")
+    return ids["ids"]
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -213,7 +224,8 @@ def load_data(args: DataArgs, tokenizer, names: list[str] | None = None, *,
             all_segments.append(segments)
             texts.append("".join(text for text, _ in segments))
             domains.append(domain)
-    token_lists = iter(_tokenize([text for segs in all_segments for text, _ in segs], tokenizer))
+    token_lists = iter(_tokenize([text for segs in all_segments for text, _ in segs], tokenizer,
+                                 args.preprocessing_num_workers))
     input_ids, labels = [], []
     for segments in all_segments:
         pieces = [next(token_lists) for _ in segments]

@@ -167,7 +167,10 @@ def load_model(args: ModelArgs, *, trainable: bool = True):
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(root, **kwargs)
+        if trainable and args.train_from_scratch:
+            model = _fresh_model(root, kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(root, **kwargs)
     except (OSError, ValueError) as exc:
         raise FlexfeedError(f"cannot load a causal LM from {str(root)!r}: {exc}",
                             "check the checkpoint files, attn_implementation and trust_remote_code") from None
@@ -177,10 +180,25 @@ def load_model(args: ModelArgs, *, trainable: bool = True):
         model = _with_lora(model, args, trainable)
     elif trainable:
         model.requires_grad_(True)
+    if trainable and args.freeze_gate:
+        from stages.moe import freeze_routers
+
+        freeze_routers(model)
     if not trainable:
         model.requires_grad_(False)
         model.eval()
     return model
+
+
+def _fresh_model(root: Path, kwargs: dict):
+    """The checkpoint's architecture with new weights (LLaMA-Factory's train_from_scratch), from torch's seed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(root, trust_remote_code=kwargs["trust_remote_code"], local_files_only=True)
+    if "attn_implementation" in kwargs:
+        config._attn_implementation = kwargs["attn_implementation"]
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=kwargs["trust_remote_code"])
+    return model.to(kwargs["dtype"]) if "dtype" in kwargs else model
 
 
 def _with_lora(model, args: ModelArgs, trainable: bool):

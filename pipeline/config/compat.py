@@ -16,14 +16,19 @@ parameter; anything else is an error. Reorder presets and pipelines have tables 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
 from stages.values import check_range, coerce, did_you_mean
 from store.errors import FlexfeedError
 
 from .read import find_file, parse_yaml_text
+
+log = logging.getLogger("flexfeed.config")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +42,11 @@ class CompatKey:
     convert: Callable | None = None
     """Turns the user's value into the target's value (raises FlexfeedError on a bad one); with no
     target, only checks it."""
+    refuse: bool = False
+    """With no target: a value that turns the feature on (anything but null, false, 0 or an empty string)
+    is an error giving `reason`; off, the key is accepted silently. For features flexfeed does not have
+    and would change what is trained (an optimizer, a quantized base, a loss), where ignoring them would
+    train something else than the user asked for."""
     sets: dict = field(default_factory=dict)
     """Other `group.field` targets this key fixes when present (e.g. a score file implies `score: file`)."""
     file: bool = False
@@ -114,10 +124,37 @@ _FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_
 def _flash_attn(value, where: str):
     if not isinstance(value, str) or value not in _FLASH_ATTN:
         raise FlexfeedError(f"{where}: unknown value {value!r}", f"choose one of: {', '.join(_FLASH_ATTN)}")
+    if value == "fa2" and not is_flash_attn_2_available():
+        # as LLaMA-Factory: a config written for a GPU with flash-attn installed still runs elsewhere
+        log.warning("%s: FlashAttention-2 is not installed here (or there is no GPU): using the model's "
+                    "default attention", where)
+        return None
+    if value == "fa3" and not is_flash_attn_3_available():
+        log.warning("%s: FlashAttention-3 is not installed here (or there is no GPU): using the model's "
+                    "default attention", where)
+        return None
     return _FLASH_ATTN[value]
 
 
+def _use_reentrant(value, where: str):
+    return {"use_reentrant": coerce(value, bool, where)}
+
+
+def _layers_to_wrap(value, where: str):
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise FlexfeedError(f"{where}: expected layer class names, got {value!r}",
+                            "write e.g. LlamaDecoderLayer (comma-separated for several)")
+    return {"transformer_layer_cls_to_wrap": names}
+
+
 _SWANLAB = "SwanLab is not integrated; use report_to (tensorboard, wandb, ...)"
+_OPTIMIZER = ("flexfeed trains with transformers' optimizers (`optim`); {} is not integrated, and the refreshed "
+              "gradient signals read the live AdamW moments")
+_TEXT_ONLY = "flexfeed trains text-only models: there are no images, videos or vision tower here"
+_LOSS = ("flexfeed's weighters own each sample's loss; {} would change what the loss and gradient signals "
+         "mean, so it is not offered")
+_ONLY_WITH = "it applies only with {}, which flexfeed does not support"
 
 LLAMAFACTORY_KEYS: dict[str, CompatKey] = {
     "warmup_ratio": CompatKey(target="training.warmup_steps", convert=_warmup_ratio,
@@ -128,15 +165,65 @@ LLAMAFACTORY_KEYS: dict[str, CompatKey] = {
     "overwrite_output_dir": CompatKey(reason="transformers 5 removed it; flexfeed writes into output_dir and "
                                              "resumes only with resume_from_checkpoint"),
     "overwrite_cache": CompatKey(reason="flexfeed keeps no tokenized cache; the signal store is keyed by content"),
-    "preprocessing_num_workers": CompatKey(reason="tokenizing runs in the stage runner's workers (runner.n_workers)"),
-    "plot_loss": CompatKey(reason="`flexfeed report` plots the loss curves from the trainer log"),
     "tokenized_path": CompatKey(reason="flexfeed keeps no tokenized dataset on disk"),
     "disable_shuffling": CompatKey(reason="the training order comes from the sampler's seed and the component"),
-    "train_from_scratch": CompatKey(reason="not supported: the pretrained weights of model_name_or_path are "
-                                           "loaded; point model_name_or_path at a freshly initialised model"),
     "pure_bf16": CompatKey(reason="pure-bf16 training is not supported; bf16 gives mixed precision"),
     "print_param_status": CompatKey(reason="peft prints the trainable parameter count"),
     "include_effective_tokens_per_second": CompatKey(reason="the run report has tokens per second"),
+    "freeze_gate": CompatKey(target="model.freeze_gate",
+                             reason="MoE routers keep their weights (DataFlex's flag; same meaning)"),
+    "use_reentrant_gc": CompatKey(target="training.gradient_checkpointing_kwargs", convert=_use_reentrant,
+                                  reason="becomes gradient_checkpointing_kwargs {use_reentrant: value}"),
+    "fsdp_transformer_layer_cls_to_wrap": CompatKey(
+        target="training.fsdp_config", convert=_layers_to_wrap,
+        reason="transformers 5 reads it from fsdp_config.transformer_layer_cls_to_wrap"),
+    "packing": CompatKey(refuse=True, reason="flexfeed decides per row: packing rows into one sequence would mix "
+                                             "rows in one loss and one gradient; leave packing off"),
+    "neat_packing": CompatKey(refuse=True, reason="flexfeed decides per row; leave packing off"),
+    "quantization_bit": CompatKey(refuse=True, reason="quantized (QLoRA) bases are not supported: per-sample "
+                                                      "gradient features need the full-precision base"),
+    "quantization_method": CompatKey(reason=_ONLY_WITH.format("quantization_bit")),
+    "double_quantization": CompatKey(reason=_ONLY_WITH.format("quantization_bit")),
+    "fp8": CompatKey(refuse=True, reason="FP8 training is not supported; use bf16"),
+    "fp8_backend": CompatKey(reason=_ONLY_WITH.format("fp8")),
+    "fp8_enable_fsdp_float8_all_gather": CompatKey(reason=_ONLY_WITH.format("fp8")),
+    "use_galore": CompatKey(refuse=True, reason=_OPTIMIZER.format("GaLore")),
+    "use_apollo": CompatKey(refuse=True, reason=_OPTIMIZER.format("APOLLO")),
+    "use_badam": CompatKey(refuse=True, reason=_OPTIMIZER.format("BAdam")),
+    "use_adam_mini": CompatKey(refuse=True, reason=_OPTIMIZER.format("Adam-mini")),
+    "use_muon": CompatKey(refuse=True, reason=_OPTIMIZER.format("Muon")),
+    **{f"galore_{k}": CompatKey(reason=_ONLY_WITH.format("use_galore"))
+       for k in ("rank", "target", "scale", "layerwise", "update_interval", "proj_type")},
+    **{f"apollo_{k}": CompatKey(reason=_ONLY_WITH.format("use_apollo"))
+       for k in ("rank", "target", "scale", "scale_type", "layerwise", "update_interval", "proj", "proj_type",
+                 "scale_front")},
+    **{f"badam_{k}": CompatKey(reason=_ONLY_WITH.format("use_badam"))
+       for k in ("mode", "switch_interval", "switch_mode", "verbose", "start_block", "update_ratio", "mask_mode")},
+    "loraplus_lr_ratio": CompatKey(refuse=True, reason="LoRA+ optimizer groups are not integrated"),
+    "loraplus_lr_embedding": CompatKey(reason=_ONLY_WITH.format("loraplus_lr_ratio")),
+    "use_dft_loss": CompatKey(refuse=True, reason=_LOSS.format("DFT's loss")),
+    "use_eaft_loss": CompatKey(refuse=True, reason=_LOSS.format("EAFT's loss")),
+    "use_asft_loss": CompatKey(refuse=True, reason=_LOSS.format("ASFT's loss")),
+    "asft_alpha": CompatKey(reason=_ONLY_WITH.format("use_asft_loss")),
+    "use_llama_pro": CompatKey(refuse=True, reason="LLaMA Pro block expansion is not supported"),
+    "mixture_of_depths": CompatKey(refuse=True, reason="mixture-of-depths conversion is not supported"),
+    "pissa_init": CompatKey(refuse=True, reason="PiSSA initialisation is not integrated; LoRA starts as peft's "
+                                                "default"),
+    "pissa_iter": CompatKey(reason=_ONLY_WITH.format("pissa_init")),
+    "pissa_convert": CompatKey(reason=_ONLY_WITH.format("pissa_init")),
+    "oft_block_size": CompatKey(reason=_ONLY_WITH.format("finetuning_type: oft")),
+    "oft_target": CompatKey(reason=_ONLY_WITH.format("finetuning_type: oft")),
+    "freeze_trainable_layers": CompatKey(reason=_ONLY_WITH.format("finetuning_type: freeze")),
+    "freeze_trainable_modules": CompatKey(reason=_ONLY_WITH.format("finetuning_type: freeze")),
+    "pref_beta": CompatKey(reason=_ONLY_WITH.format("preference stages (dpo, kto)")),
+    "pref_loss": CompatKey(reason=_ONLY_WITH.format("preference stages (dpo, kto)")),
+    "predict_with_generate": CompatKey(reason="flexfeed runs no prediction pass; evaluation reports the loss"),
+    "ray_num_workers": CompatKey(reason="Ray is not integrated: offline stages fan out on Dask (runner.scheduler), "
+                                        "training on torchrun or DeepSpeed"),
+    **{key: CompatKey(reason=_TEXT_ONLY) for key in (
+        "image_max_pixels", "image_min_pixels", "image_do_pan_and_scan", "video_fps", "video_max_pixels",
+        "video_min_pixels", "video_maxlen", "freeze_vision_tower", "freeze_multi_modal_projector",
+        "freeze_language_model", "media_dir")},
     **{key: CompatKey(reason=_SWANLAB) for key in (
         "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode",
         "swanlab_api_key", "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},

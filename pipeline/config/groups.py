@@ -120,6 +120,8 @@ class FlexArgs:
     """One weight per dataset, in `dataset` order, for the mixture rule; normalised to sum to 1."""
     mixer_eval_dataset: list[str] = field(default_factory=list)
     """Datasets a mixer evaluates on (comma-separated string accepted); default eval_dataset."""
+    plot_loss: bool = False
+    """Write training_loss.png (and training_eval_loss.png when the run evaluates) into output_dir at the end, as LLaMA-Factory does."""
     plan: list = field(default_factory=list)
     """train_type plan: the stages, each {family, component, component_args, mode, keep_ratio, warmup_step, every, enabled}."""
 

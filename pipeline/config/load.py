@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ def load_config(path, overrides: Sequence[str] = (), *, training: bool = True,
     load.static_mix()  # before the components file: DataFlex's static mixing ignores that entry
     load.components_file()
     load.train_step()
+    load.dataflex_steps()
     groups = {name: load.group(name, cls) for name, cls in {**FLAT_GROUPS, **SECTION_GROUPS}.items()}
     training_kwargs = load.training()
     load.required(groups["model"], groups["data"], training_kwargs, need_output_dir=training)
@@ -139,7 +141,12 @@ class _Load:
     def compat(self, key: str, value) -> None:
         """A LLaMA-Factory key: translated to its target, or ignored with a warning saying why."""
         rule = LLAMAFACTORY_KEYS[key]
+        if rule.refuse and value not in (None, False, 0, ""):
+            raise FlexfeedError(f"{self.where(key)}: {key}={value!r} is not supported: {rule.reason}",
+                                f"remove {key} (or set it to false) to train as flexfeed does")
         if rule.target is None:
+            if rule.refuse:
+                return  # the feature is off: nothing to say
             if value not in (None, False):
                 self.warnings.append(f"{self.where(key)} ignored: {rule.reason}")
             return
@@ -243,6 +250,41 @@ class _Load:
                       "keep one: train_step is DataFlex's name for max_steps")
         self.values["training"]["max_steps"] = value
 
+    def dataflex_steps(self) -> None:
+        """DataFlex's step count for its dynamic train types when neither max_steps nor train_step is set.
+
+        Under DataFlex, `dynamic_select` trains num_train_epochs x (warmup_step + update_step x update_times)
+        steps and `dynamic_mix` (not static) warmup_step + update_step x update_times, whatever the data's
+        size; flexfeed's own spellings (`select`, `mix`) train num_train_epochs passes over the data. The
+        DataFlex spelling keeps DataFlex's count, with one line saying so.
+        """
+        spelled = self.raw.get("train_type")
+        if spelled not in ("dynamic_select", "dynamic_mix") or self.values["training"].get("max_steps") not in (
+                None, -1):
+            return
+        flex = self.values["flex"]
+        times = flex.get("update_times")
+        if times is None or coerce(times, int, self.where("update_times")) < 1:
+            return  # no fixed number of updates: DataFlex trains the data's epochs too
+        if spelled == "dynamic_mix" and flex.get("static_mix") is True:
+            return
+        times = coerce(times, int, self.where("update_times"))
+        warmup = coerce(flex.get("warmup_step", 0), int, self.where("warmup_step"))
+        every = self.update_step()
+        cycle = warmup + every * times
+        if spelled == "dynamic_select":
+            epochs = coerce(self.values["training"].get("num_train_epochs", 3.0), float,
+                            self.where("num_train_epochs"))
+            steps = max(1, math.ceil(epochs * cycle))
+            how = f"ceil({epochs:g} epochs x ({warmup} + {every} x {times}))"
+        else:
+            steps = max(1, cycle)
+            how = f"{warmup} + {every} x {times}"
+        self.values["training"]["max_steps"] = steps
+        log.warning("%s: train_type %s without max_steps: training %d steps as DataFlex does "
+                    "(warmup_step + update_step x update_times%s: %s); set max_steps to train another count",
+                    self.path, spelled, steps, " per epoch" if spelled == "dynamic_select" else "", how)
+
     def static_mix(self) -> None:
         """DataFlex's fixed mixing: component `static`, proportions from the sample rule."""
         flex = self.values["flex"]
@@ -284,6 +326,9 @@ class _Load:
         hints = training_hints()
         out = {}
         for key, value in self.values["training"].items():
+            if key == "resume_from_checkpoint" and isinstance(value, bool):
+                out[key] = value or None  # true: the last checkpoint in output_dir (resolved when training)
+                continue
             out[key] = coerce(value, hints.get(key, fields[key].type), self.where(key))
         try:
             check_training(out)

@@ -155,11 +155,14 @@ def reference_markdown() -> str:
             "`pipeline.config.to_training_arguments(cfg)` builds the object. Accepted keys:", "",
             ", ".join(f"`{n}`" for n in names), ""]
     out += ["## LLaMA-Factory keys that are not fields here", "",
-            "Translated to another key, or accepted and ignored with a one-line warning (only when set to "
-            "something other than false/null). Any other unknown key is an error.", "",
+            "Translated to another key; accepted and ignored with a one-line warning (only when set to "
+            "something other than false/null); or, for a feature that would change what is trained (an "
+            "optimizer, a quantized base, a loss, packing), refused when switched on and accepted silently when "
+            "off. Any other unknown key is an error.", "",
             "| key | becomes | why |", "|---|---|---|"]
     for key, rule in sorted(LLAMAFACTORY_KEYS.items()):
-        out.append(f"| `{key}` | {f'`{rule.target}`' if rule.target else 'ignored'} | {_cell(rule.reason)} |")
+        what = f"`{rule.target}`" if rule.target else "refused when on" if rule.refuse else "ignored"
+        out.append(f"| `{key}` | {what} | {_cell(rule.reason)} |")
     out += ["", *_dataflex_section()]
     return "\n".join(out).rstrip() + "\n"
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.config import load_config
 from stages.args import RunnerArgs
 from stages.base import SignalDesc, Stage
 from stages.runner import run_stage
@@ -121,3 +122,12 @@ def test_a_stage_that_fails_before_its_first_commit_leaves_no_empty_signal(tmp_p
     with pytest.raises(RuntimeError, match="boom"):
         run_stage(Failing(), Rows(), st, RunnerArgs(scheduler="inline"), progress=False)
     assert [s.committed_shards() for s in st.find("doomed")] == [[0]]
+def test_resume_from_checkpoint_true_means_the_last_checkpoint(run_dir, tmp_path):
+    cfg, _ = run_dir
+    out = tmp_path / "out"
+    assert invoke("train", str(cfg), f"output_dir={out}", "max_steps=4", "save_steps=2").exit_code == 0
+    loaded = load_config(cfg, [f"output_dir={out}", "max_steps=6", "resume_from_checkpoint=true"])
+    assert loaded.training["resume_from_checkpoint"] is True
+    result = invoke("train", str(cfg), f"output_dir={out}", "max_steps=6", "save_steps=2", "resume_from_checkpoint=true")
+    assert result.exit_code == 0, result.output
+    assert "trained 6 steps" in result.stdout
