@@ -61,20 +61,40 @@ def _refreshable(cfg: RunConfig, need: SignalNeed) -> bool:
     return cfg.refresh.signals is None or need.name in cfg.refresh.signals
 
 
+def live_adam_without_checkpoints(cfg: RunConfig, needs: list[SignalNeed]) -> bool:
+    """Adam gradients with no checkpoint to read moments from: the live optimizer's moments, as DataFlex.
+
+    LESS's offline definition needs Trainer checkpoints with optimizer state (`grads.checkpoints`);
+    without them the only Adam state there is is the training run's own, so every gradient signal the
+    component reads is computed with the live model and optimizer at each decision (DataFlex's
+    `gradient_type: adam` recomputes every train row's gradient at every selection the same way).
+    """
+    return (cfg.grads.grad_type == "adam" and not cfg.grads.checkpoints
+            and any(n.name == "grads" and n.split == "train" for n in needs))
+
+
 def plan_routes(cfg: RunConfig, needs: list[SignalNeed], component: str = "") -> dict[tuple[str, str], SignalRoute]:
     """One route per needed signal, with every error the config implies raised now, before training."""
     routes: dict[tuple[str, str], SignalRoute] = {}
     who = f"component {component!r}" if component else "the component"
+    live_grads = live_adam_without_checkpoints(cfg, needs)
     for need in needs:
         refresh = _refreshable(cfg, need)
         staleness = cfg.refresh.max_staleness
-        if need.live:
+        if live_grads and need.name.startswith("grads") and not refresh:
+            raise FlexfeedError(
+                f"{who} reads Adam gradients (grads.grad_type adam) with no grads.checkpoints, so they can only come "
+                f"from the live optimizer at each decision, but the config never refreshes {need.name!r}",
+                "set refresh.enabled: true (and keep the gradient signals in refresh.signals), or list Trainer "
+                "checkpoints under grads.checkpoints, or use grads.grad_type: sgd")
+        if need.live or (live_grads and need.name.startswith("grads")):
             if not refresh:
                 raise FlexfeedError(
                     f"{who} ranks the live {need.name!r} of every decision, but the config never refreshes it, so "
                     f"every decision would rank unchanged values",
                     f"set refresh.enabled: true and keep {need.name!r} in refresh.signals (or unset refresh.signals)")
-            if staleness is not None and staleness >= cfg.flex.update_step:
+            # a live Adam gradient may be reused for a while (a cost the user chose); a loss change may not
+            if need.live and staleness is not None and staleness >= cfg.flex.update_step:
                 raise FlexfeedError(
                     f"refresh.max_staleness ({staleness}) >= update_step ({cfg.flex.update_step}): {who} would rank "
                     f"{need.name!r} values unchanged since the previous decision",

@@ -7,13 +7,13 @@ import time
 from stages.base import Stage
 from stages.data import TokenizedData
 from stages.runner import RunResult, run_stage
-from stages.trained_rows import check_trained_rows
 from store.errors import FlexfeedError
 from store.faiss_index import build_index, index_status
 from store.store import Store
 
 from .config import RunConfig
 from .prepared import Prepared, prepare
+from .refresh import live_adam_without_checkpoints
 from .scheduler import configured_stages
 from .signal_stages import stages_for
 from .strategies import SignalNeed
@@ -26,7 +26,6 @@ def run_stage_job(cfg: RunConfig, which: str, *, progress: bool = True, prepared
     if which not in (*STAGES, "all"):
         raise FlexfeedError(f"unknown stage {which!r}", f"use one of {', '.join(STAGES)} or all")
     p = prepared or prepare(cfg)
-    check_trained_rows(p.train, cfg.data.cutoff_len)  # losses of rows that train nothing would all be 0
     results: list[RunResult] = []
     todo = STAGES if which == "all" else (which,)
     for name in todo:
@@ -62,13 +61,17 @@ def gradient_signals(cfg: RunConfig, *, everything: bool = False) -> list[tuple[
     for LESS's pair: train `grads` and target `grads_sgd`. Probe needs (`cluster`) are computed
     at decisions for their rows only.
     """
-    wanted = [(n.name, n.split) for n in component_needs(cfg) if n.name.startswith("grads") and n.rows == "all"]
+    needs = component_needs(cfg)
+    if live_adam_without_checkpoints(cfg, needs):
+        return []  # computed by the training run at each decision, with its live optimizer
+    wanted = [(n.name, n.split) for n in needs if n.name.startswith("grads") and n.rows == "all"]
     if not any(split == "train" for _, split in wanted) and (everything or cfg.grads.checkpoints):
         wanted = [("grads", "train"), ("grads_sgd", "target"), *wanted]
     return list(dict.fromkeys(wanted))
 
 
 def index_job(cfg: RunConfig, p: Prepared) -> list[RunResult]:
+    """Build the FAISS index of every complete signal of that name whose index is missing or stale."""
     out = []
     for store in [s for s in (p.train_store, p.target_store) if s is not None]:
         for sig in store.find(cfg.index.signal):
