@@ -63,7 +63,9 @@ def configured_stages(cfg: RunConfig, seed: int) -> list[PlanStage]:
         return []
     if kind != "plan":
         strategy = registry_for(kind).build(cfg.flex.component, cfg.flex.component_args, seed=seed)
-        return [PlanStage(kind, strategy, warmup_step=0, every=1)]
+        # index-space kinds wait for warmup_step through the windows; a weighter, which acts on every
+        # step's loss, waits through its own stage (DataFlex's weight trainer: no weights before warmup_step)
+        return [PlanStage(kind, strategy, warmup_step=cfg.flex.warmup_step if kind == "weight" else 0, every=1)]
     return [PlanStage(s.family, registry_for(s.family).build(s.component, s.component_args, seed=seed),
                       mode=s.mode, keep_ratio=s.keep_ratio,
                       warmup_step=cfg.flex.warmup_step if s.warmup_step is None else s.warmup_step,

@@ -30,7 +30,8 @@ GOLDEN_CASES = {
     "mix_static": ["train_type=mix", "component=static", "component_args.proportions=[0.8,0.2]"],
     "mix_odm": ["train_type=mix", "component=odm"],
     "mix_random": ["train_type=mix", "component=random"],
-    "weight_loss": ["train_type=weight", "component=loss", "component_args.strategy=quadratic"],
+    # weighted from step 0, as recorded: a weighter waits for warmup_step (DataFlex's rule), so 0 here
+    "weight_loss": ["train_type=weight", "component=loss", "component_args.strategy=quadratic", "warmup_step=0"],
     "static": ["train_type=static"],
 }
 
