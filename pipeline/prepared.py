@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.data import TokenizedData, load_data
-from stages.models import load_tokenizer
+from stages.models import hub_access, load_tokenizer
+from stages.trained_rows import check_trained_rows
 from store.store import Store
 
 from .config import RunConfig
@@ -49,7 +50,9 @@ def prepare(cfg: RunConfig, *, need_target: bool = True, need_eval: bool = False
     training set (its own fingerprint, its own store).
     """
     tok = load_tokenizer(cfg.model)
-    train = load_data(cfg.data, tok)
+    hub = hub_access(cfg.model)  # cache_dir and token reach hub datasets as well as models
+    train = load_data(cfg.data, tok, hub=hub)
+    check_trained_rows(train, cfg.data.cutoff_len)  # before any store is opened: losses of 0 train nothing
     held_out = train_rows = None
     if cfg.data.val_size:
         split = split_validation(train, cfg.data.val_size, split_seed(cfg))
@@ -57,12 +60,12 @@ def prepare(cfg: RunConfig, *, need_target: bool = True, need_eval: bool = False
     target = None
     names = target_names(cfg)
     if need_target and names:
-        target = load_data(cfg.data, tok, names)
+        target = load_data(cfg.data, tok, names, hub=hub)
     evaluated = None
     if need_eval and held_out is not None:
         evaluated = held_out
     elif need_eval and cfg.data.eval_dataset:
         same = target is not None and names == list(cfg.data.eval_dataset)
-        evaluated = target if same else load_data(cfg.data, tok, list(cfg.data.eval_dataset))
+        evaluated = target if same else load_data(cfg.data, tok, list(cfg.data.eval_dataset), hub=hub)
     return Prepared(tok, train, target, store_for(cfg, train), store_for(cfg, target) if target is not None else None,
                     eval=evaluated, train_rows=train_rows)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from stages.batching import IGNORE_INDEX
 from store.errors import FlexfeedError
-
-from .batching import IGNORE_INDEX
 
 log = logging.getLogger("flexfeed.data")
 

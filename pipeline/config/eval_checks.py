@@ -19,8 +19,6 @@ from store.errors import FlexfeedError
 if TYPE_CHECKING:
     from stages.args import DataArgs
 
-    from .groups import RunConfig
-
 
 def eval_set_names(data: DataArgs) -> list[str]:
     """The names of the evaluation set's parts: the eval datasets, or (val_size) the training datasets."""
@@ -57,7 +55,7 @@ def training_value(training: dict, key: str):
     return _training_defaults()[key] if value is None else value
 
 
-def check_evaluation(cfg: RunConfig) -> None:
+def check_evaluation(cfg) -> None:  # a RunConfig (groups.py imports this module)
     """Refuse, in one line naming the key, an evaluation setting that transformers would refuse later."""
     training, data = cfg.training, cfg.data
 
