@@ -155,3 +155,11 @@ def test_moe_router_freezing_is_checked_against_the_model(tiny_checkpoint):
 
     with pytest.raises(FlexfeedError, match="no mixture-of-experts router"):
         load_model(ModelArgs(model_name_or_path=str(tiny_checkpoint), freeze_gate=True))
+
+
+@pytest.mark.parametrize(("key", "value"), [("stage", "dpo"), ("stage", "kto"), ("stage", "rm"), ("stage", "ppo"),
+                                            ("finetuning_type", "freeze"), ("finetuning_type", "oft")])
+def test_stages_and_tuning_methods_flexfeed_lacks_are_refused(load, key, value):
+    with pytest.raises(FlexfeedError, match=key) as err:
+        load({key: value})
+    assert value in str(err.value) or value in (err.value.hint or "")
