@@ -71,6 +71,8 @@ class DataArgs:
     """Dataset names from dataset_info.json (comma-separated string accepted); each is a domain."""
     dataset_dir: str = "data"
     """Folder holding dataset_info.json and the data files."""
+    allow_outside_dataset_dir: bool = False
+    """Let dataset_info.json entries name files outside dataset_dir (an absolute path, or one through `..`); off, such an entry is refused, so a shared dataset_info.json cannot make a run read files elsewhere."""
     stage: Literal["pt", "sft"] = "sft"
     """`pt` (plain text, every token trained) or `sft` (prompt masked from labels)."""
     template: str | None = None

@@ -8,6 +8,7 @@ for them: a shared file may hold entries flexfeed cannot load.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +113,8 @@ def _check_mapping(path: Path, name: str, key: str, value, allowed: dict, unsupp
     return {k: v for k, v in value.items() if k in allowed}
 
 
-def parse_entry(dataset_dir: str | Path, info: dict, name: str) -> DatasetSpec:
-    """Validate one entry and fill in LLaMA-Factory's defaults."""
+def parse_entry(dataset_dir: str | Path, info: dict, name: str, *, allow_outside: bool = False) -> DatasetSpec:
+    """Validate one entry and fill in LLaMA-Factory's defaults; ``allow_outside`` is DataArgs.allow_outside_dataset_dir."""
     info_path = Path(dataset_dir) / INFO_FILE
     if name not in info:
         hint = did_you_mean(name, info) if info else f"{info_path} lists no datasets: add an entry for {name!r}"
@@ -157,10 +158,30 @@ def parse_entry(dataset_dir: str | Path, info: dict, name: str) -> DatasetSpec:
         path = Path(dataset_dir) / entry["file_name"]
         if entry.get("folder"):
             path = path / entry["folder"]
+        if not allow_outside:
+            check_inside(info_path, name, entry)
     return DatasetSpec(name=name, path=path, formatting=formatting, columns=columns, tags=tags,
                        split=str(entry.get("split", "train")), num_samples=num_samples, hub=hub, hub_url=hub_url,
                        subset=entry.get("subset") if hub else None, folder=entry.get("folder") if hub else None,
                        where=f"{info_path}: dataset {name!r}")
+
+
+def check_inside(info_path: Path, name: str, entry: dict) -> None:
+    """Refuse a local entry whose path leaves dataset_dir (absolute, or through `..`).
+
+    Lexical, not resolved: a symlink placed inside dataset_dir by its owner is that owner's choice; a
+    shared dataset_info.json naming `../../home/x/.ssh/id_rsa` or `/etc/passwd` is not.
+    """
+    for key in ("file_name", "folder"):
+        value = entry.get(key)
+        if not value:
+            continue
+        parts = Path(os.path.normpath(value)).parts
+        if Path(value).is_absolute() or (parts and parts[0] == ".."):
+            raise FlexfeedError(
+                f"{info_path}: dataset {name!r}: {key} {value!r} is outside dataset_dir {str(info_path.parent)!r}",
+                "move the file into dataset_dir and name it relative to it, or set allow_outside_dataset_dir: true "
+                "if this dataset_info.json is yours")
 
 
 def _hub_source(info_path: Path, name: str, entry: dict) -> tuple[str | None, str | None]:
