@@ -1,15 +1,19 @@
-"""What identifies a training checkpoint for gradient features: its files' content hash, step and learning rate."""
+"""What identifies a training checkpoint for gradient features: its files' content hash, step and learning rate
+(LESS's checkpoint weight: the mean learning rate of the interval that ends at it)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from stages.grads.optim_layouts import find_deepspeed_dir
 from stages.models import ADAPTER_WEIGHTS, adapter_fingerprint
 from store.errors import FlexfeedError
 from store.hashing import file_digest, stable_hash
+
+_CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folder names
 
 
 def optimizer_files(checkpoint: str | os.PathLike) -> list[Path]:
@@ -54,11 +58,31 @@ def trainer_state(checkpoint: str | os.PathLike) -> dict:
         raise FlexfeedError(f"{path} is not valid JSON ({err})", hint="the checkpoint was not saved completely") from err
 
 
-def checkpoint_lr(checkpoint: str | os.PathLike) -> float | None:
-    """The last learning rate logged in trainer_state.json (None when it logs none)."""
-    history = trainer_state(checkpoint).get("log_history", [])
-    rates = [e["learning_rate"] for e in history if isinstance(e, dict) and "learning_rate" in e]
-    return float(rates[-1]) if rates else None
+def checkpoint_lr(checkpoint: str | os.PathLike, since_step: int | None = None) -> float | None:
+    """LESS's checkpoint weight: the mean learning rate logged over the steps since the previous checkpoint.
+
+    The interval is (since_step, this checkpoint's step]; `since_step` defaults to the step of the nearest
+    earlier `checkpoint-<step>` folder beside this one (the Trainer's layout), else 0. None when
+    trainer_state.json logs no learning rate in the interval (the caller must not invent one).
+    """
+    state = trainer_state(checkpoint)
+    step = int(state.get("global_step", 0) or 0)
+    start = previous_checkpoint_step(checkpoint, step) if since_step is None else int(since_step)
+    # one rate per logged step (a resumed run may log a step twice: the later entry wins)
+    rates = {int(e["step"]): float(e["learning_rate"]) for e in state.get("log_history", [])
+             if isinstance(e, dict) and "learning_rate" in e and "step" in e}
+    inside = [lr for s, lr in rates.items() if start < s <= step]
+    return sum(inside) / len(inside) if inside else None
+
+
+def previous_checkpoint_step(checkpoint: str | os.PathLike, step: int) -> int:
+    """The largest step below `step` among the `checkpoint-<step>` folders beside `checkpoint` (0 if none)."""
+    root = Path(checkpoint)
+    if step <= 0 or not root.parent.is_dir():
+        return 0
+    earlier = [int(m.group(1)) for p in root.parent.iterdir()
+               if p != root and p.is_dir() and (m := _CHECKPOINT_DIR.fullmatch(p.name)) and int(m.group(1)) < step]
+    return max(earlier, default=0)
 
 
 def checkpoint_step(checkpoint: str | os.PathLike) -> int:

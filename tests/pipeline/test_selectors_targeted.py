@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from pipeline.strategies import SELECTORS, InMemorySignals, SignalNeed
-from pipeline.strategies.selectors.less import less_scores
+from pipeline.strategies.selectors.less import checkpoint_pairs, less_scores
 from pipeline.strategies.selectors.near import round_robin
 from pipeline.strategies.selectors.tsds import tsds_probabilities
+from store.errors import FlexfeedError
 
 
 def unit(x):
@@ -100,6 +101,26 @@ def test_less_ties_broken_by_row_id_and_ranking_repeats_beyond_n(make_ctx):
     signals = InMemorySignals(train={"grads": train}, target={"grads_sgd": np.eye(4)[:1]})
     res = SELECTORS.build("less").select(make_ctx(4, signals=signals), 6)
     assert list(res.indices) == [1, 2, 0, 3, 1, 2]
+
+
+def _less_pairs(make_ctx, metas):
+    g = np.eye(3, dtype=np.float32)
+    signals = InMemorySignals(variants={("grads", "train"): [(m, g) for m in metas],
+                                        ("grads_sgd", "target"): [({}, g[:1])]})
+    return checkpoint_pairs(make_ctx(3, signals=signals))
+
+
+def test_less_refuses_a_missing_rate_among_several_checkpoints(make_ctx):
+    # the trainer's signal source fills a missing lr with 1.0; the checkpoint record still says None
+    metas = [{"lr": 1.0, "checkpoint": {"step": 5, "lr": None}}, {"lr": 2e-4, "checkpoint": {"step": 10, "lr": 2e-4}}]
+    with pytest.raises(FlexfeedError, match="no learning rate") as exc:
+        _less_pairs(make_ctx, metas)
+    assert "step 5" in str(exc.value)
+    with pytest.raises(FlexfeedError, match="no learning rate"):
+        _less_pairs(make_ctx, [{}, {"lr": 2e-4}])
+    # recorded rates are the weights; one checkpoint needs none (its weight changes no ranking)
+    assert [p[0] for p in _less_pairs(make_ctx, [{"checkpoint": {"lr": 7e-4}}, {"lr": 2e-4}])] == [7e-4, 2e-4]
+    assert _less_pairs(make_ctx, [{"checkpoint": {"lr": None}}])[0][0] == 1.0
 
 
 # near --------------------------------------------------------------------------------------------

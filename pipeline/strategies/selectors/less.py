@@ -3,7 +3,8 @@
 score(x) = reduce over target tasks t of  sum_i lr_i * mean_{z in t} cos(g_i(x), g_i^sgd(z)),
 with g_i the Adam-preconditioned train gradient features at checkpoint i (signal `grads`), g_i^sgd
 the target set's SGD gradient features at the same checkpoint (signal `grads_sgd`, split `target`),
-and lr_i the checkpoint's learning rate (variant metadata `lr`). LESS reduces tasks by max.
+and lr_i the mean learning rate of the training interval that ends at checkpoint i (variant metadata `lr`, see
+stages/grads/checkpoint.py). LESS reduces tasks by max.
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ class LessParams:
             raise ValueError(f"task_reduce must be 'max' or 'mean', got {self.task_reduce!r}")
 
 
+def checkpoint_weight(meta: dict, num_checkpoints: int) -> float:
+    """A checkpoint's weight lr_i: the mean learning rate of the interval ending at it (stages/grads/checkpoint.py).
+
+    With several checkpoints a missing rate is an error, never 1.0: it would reweight the ensemble silently.
+    The checkpoint's own record is read first, since the signal source may fill a missing `lr` with 1.0.
+    """
+    ckpt = meta.get("checkpoint")
+    lr = ckpt.get("lr") if isinstance(ckpt, dict) else meta.get("lr")
+    if lr is None:
+        if num_checkpoints > 1:
+            where = f" (checkpoint step {ckpt.get('step')})" if isinstance(ckpt, dict) else ""
+            raise FlexfeedError(f"a 'grads' variant{where} has no learning rate, so LESS cannot weight its "
+                                f"{num_checkpoints} checkpoints",
+                                "train with logging_steps small enough that trainer_state.json logs a learning rate "
+                                "between every two checkpoints")
+        return 1.0  # one checkpoint: its weight scales every score alike and changes no ranking
+    return float(lr)
+
+
 def checkpoint_pairs(ctx, target_signal: str = "grads_sgd", rows: np.ndarray | None = None,
                      ) -> list[tuple[float, np.ndarray, np.ndarray]]:
     """(lr, train features, target features) per checkpoint, paired in the stores' variant order;
@@ -55,15 +75,12 @@ def checkpoint_pairs(ctx, target_signal: str = "grads_sgd", rows: np.ndarray | N
                             "compute target gradients at the same checkpoints as the train gradients")
     pairs = []
     for (meta, g_train), (_, g_target) in zip(train, target):
-        if "lr" not in meta and len(train) > 1:
-            raise FlexfeedError("a 'grads' variant has no 'lr' in its metadata",
-                                "record each checkpoint's learning rate when computing gradients")
         g_train = check_rows(np.asarray(g_train), "grads", ctx.num_rows if rows is None else len(rows), 2)
         g_target = np.asarray(g_target)
         if g_target.ndim != 2 or g_target.shape[1] != g_train.shape[1]:
             raise FlexfeedError(f"target {target_signal!r} has shape {g_target.shape}, train 'grads' {g_train.shape}",
                                 "use the same projection (proj_dim and seed) for train and target gradients")
-        pairs.append((float(meta.get("lr", 1.0)), g_train, g_target))
+        pairs.append((checkpoint_weight(meta, len(train)), g_train, g_target))
     return pairs
 
 
