@@ -209,6 +209,26 @@ def test_tsds_probabilities_match_the_formula_on_a_hand_case(make_ctx):
     np.testing.assert_allclose(prob, mass / mass.sum(), rtol=1e-5)
 
 
+def test_tsds_gives_each_target_its_share_however_dense_its_neighbours(make_ctx):
+    # target A = e1 has 10 exact duplicates of itself as neighbours; target B = e2 has 10 distinct rows
+    # b_i = unit(e2 + 0.5 e_{2+i}) (cos(b_i, b_j) = 0.8, so their kernels barely overlap at h = 0.1)
+    d = 13
+    eye = np.eye(d)
+    dups = np.tile(eye[0], (10, 1))
+    distinct = unit(eye[1] + 0.5 * eye[2:12])
+    emb = np.vstack([dups, distinct]).astype(np.float32)
+    targets = eye[:2].astype(np.float32)
+    signals = InMemorySignals(train={"embed": emb}, target={"embed": targets})
+    params = SELECTORS.resolve("tsds").Params(num_neighbors=10, temperature=0.1, alpha=1.0, kde_neighbors=10,
+                                               kde_bandwidth=0.1)
+    prob = tsds_probabilities(make_ctx(20, signals=signals), params)
+    # by hand: each target carries 1/2, split evenly over its 10 equally near neighbours -> 0.05 per row.
+    # (Dividing the summed mass by density instead gives A's rows 0.05 / 10 each: A would keep 0.05 / 0.55
+    # = 9% of the selection and B 91%.)
+    np.testing.assert_allclose(prob[:10].sum(), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(prob, np.full(20, 0.05), rtol=1e-6)
+
+
 def test_tsds_prefers_target_like_rows_and_spreads_over_duplicates(make_ctx):
     rng = np.random.default_rng(4)
     d = 16

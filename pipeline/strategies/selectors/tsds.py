@@ -5,18 +5,19 @@ TSDS solves for sampling probabilities p over candidates that minimise an optima
 distance between p and the target distribution, with a kernel-density regulariser that keeps
 near-duplicates from collecting mass, both restricted to kNN graphs. Here:
 
-1. Transport (the coupling restricted to each target's K nearest candidates): target q sends its
-   mass 1/Q to its K neighbours j in proportion to softmax(sim(q, j) / temperature).
-   A candidate's mass m_j is what it receives from all targets.
+1. Transport (the coupling restricted to each target's K nearest candidates): target q splits its
+   mass among its K neighbours j in proportion to softmax(sim(q, j) / temperature).
 2. Diversity: each candidate's kernel density among candidates,
    d_j = sum over its `kde_neighbors` nearest candidates c (itself included) of
-   exp(-||x_j - x_c||^2 / (2 h^2)), with ||x_j - x_c||^2 = 2 - 2 cos for unit embeddings;
-   then p_j is proportional to m_j / d_j ** alpha, so a group of n exact duplicates shares
-   about the mass of one row when alpha = 1 (alpha = 0: no diversity term).
+   exp(-||x_j - x_c||^2 / (2 h^2)), with ||x_j - x_c||^2 = 2 - 2 cos for unit embeddings.
+   Within each target, a neighbour's share is divided by d_j ** alpha and the target's shares are
+   renormalised to 1/Q, so a group of n exact duplicates shares about the mass of one row when
+   alpha = 1 (alpha = 0: no diversity term), while every target keeps its 1/Q of the selection (TSDS's
+   target marginal): a target whose neighbours are duplicates loses no mass to one whose are distinct.
 3. `num_samples` rows are drawn without replacement with probability p (Gumbel top-k).
 
 The simplification: one closed-form transport step (no iterative OT solve over the joint
-objective), and the density term divides the transported mass instead of entering the objective.
+objective), and the density discounts each target's shares instead of entering the objective.
 Only the union of the targets' K neighbours can be drawn; beyond that many rows, all of them are
 taken once per full pass and the remainder drawn by p.
 """
@@ -60,16 +61,13 @@ class TsdsParams:
             raise ValueError("alpha must be >= 0")
 
 
-def transported_mass(scores: np.ndarray, ids: np.ndarray, num_rows: int, temperature: float) -> np.ndarray:
-    """Mass each candidate receives when every target spreads 1/Q over its kNN by softmax(sim / T)."""
+def knn_coupling(scores: np.ndarray, ids: np.ndarray, temperature: float) -> np.ndarray:
+    """(Q, K) share of each target's mass sent to each of its neighbours: softmax(sim / T) over valid ids."""
     logits = np.where(ids >= 0, scores / temperature, -np.inf).astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    coupling = np.exp(logits)
-    coupling /= coupling.sum(axis=1, keepdims=True) * ids.shape[0]
-    mass = np.zeros(num_rows)
-    keep = ids >= 0
-    np.add.at(mass, ids[keep], coupling[keep])
-    return mass
+    top = logits.max(axis=1, keepdims=True)
+    coupling = np.exp(logits - np.where(np.isfinite(top), top, 0.0))
+    total = coupling.sum(axis=1, keepdims=True)
+    return np.divide(coupling, total, out=np.zeros_like(coupling), where=total > 0)
 
 
 def kernel_density(sims: np.ndarray, ids: np.ndarray, bandwidth: float) -> np.ndarray:
@@ -78,22 +76,40 @@ def kernel_density(sims: np.ndarray, ids: np.ndarray, bandwidth: float) -> np.nd
     return np.where(ids >= 0, np.exp(-sq_dist / (2.0 * bandwidth**2)), 0.0).sum(axis=1)
 
 
+def target_marginal_mass(coupling: np.ndarray, ids: np.ndarray, num_rows: int,
+                         discount: np.ndarray | None = None) -> np.ndarray:
+    """Mass of each row when every target's share, times `discount` of its neighbours, is renormalised to 1/Q.
+
+    Renormalising per target keeps TSDS's target marginal: each of the Q targets carries 1/Q of the
+    selection however dense its neighbourhood is; the discount only moves mass among its own neighbours.
+    """
+    keep = ids >= 0
+    share = coupling * (discount[np.where(keep, ids, 0)] if discount is not None else 1.0) * keep
+    total = share.sum(axis=1, keepdims=True)
+    share = np.divide(share, total * len(ids), out=np.zeros_like(share), where=total > 0)
+    mass = np.zeros(num_rows)
+    np.add.at(mass, ids[keep], share[keep])
+    return mass
+
+
 def tsds_probabilities(ctx, params: TsdsParams) -> np.ndarray:
     """Sampling probability of every train row (zero outside the targets' kNN)."""
     queries = np.atleast_2d(np.asarray(ctx.signals.get("embed", "target"), dtype=np.float32))
     k = min(params.num_neighbors, ctx.num_rows)
     scores, ids = ctx.signals.search("embed", queries, k, "train")
-    mass = transported_mass(np.asarray(scores), np.asarray(ids), ctx.num_rows, params.temperature)
-    prob = mass
+    scores, ids = np.asarray(scores), np.asarray(ids)
+    coupling = knn_coupling(scores, ids, params.temperature)
+    discount = None
     if params.alpha > 0:
-        candidates = np.flatnonzero(mass > 0)
+        candidates = np.unique(ids[ids >= 0])
         emb = train_signal(ctx, "embed", 2)
         kde_k = min(params.kde_neighbors, ctx.num_rows)
         sims, nbr = ctx.signals.search("embed", np.asarray(emb[candidates], dtype=np.float32), kde_k, "train")
         density = kernel_density(np.asarray(sims), np.asarray(nbr), params.kde_bandwidth)
-        prob = np.zeros_like(mass)
+        discount = np.zeros(ctx.num_rows)
         # Density is at least ~1 (a row is its own neighbour); the floor guards a missing self-match.
-        prob[candidates] = mass[candidates] / np.maximum(density, 1e-12) ** params.alpha
+        discount[candidates] = 1.0 / np.maximum(density, 1e-12) ** params.alpha
+    prob = target_marginal_mass(coupling, ids, ctx.num_rows, discount)
     return prob / prob.sum()
 
 
