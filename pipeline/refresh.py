@@ -25,7 +25,7 @@ import torch
 from stages.args import RunnerArgs
 from stages.base import Stage, bind_live_model
 from stages.runner import INLINE, existing_signal, run_stage, stage_signal
-from store.errors import FlexfeedError, StoreError
+from store.errors import CorruptShard, FlexfeedError, StoreError
 from store.faiss_index import load_index
 from store.store import is_read_only
 
@@ -154,10 +154,15 @@ def seed_from(sig, base) -> None:
 
     Only an offline signal with the live stage's own spec qualifies: the same definition evaluated
     at the model the run starts from. Its versions count steps of whatever produced it, not of this
-    run: in the run's copy they start at 0 and age from there.
+    run: in the run's copy they start at 0 and age from there. A damaged offline shard is left out: the
+    run computes it live, like any shard its copy lacks.
     """
     for shard, rec in sorted(base.records().items()):
-        sig.write_shard(shard, base.read_shard(shard), version=0, model=rec.model, lock_timeout_s=600)
+        try:
+            values = base.read_shard(shard)
+        except CorruptShard:
+            continue
+        sig.write_shard(shard, values, version=0, model=rec.model, lock_timeout_s=600)
 
 
 @dataclass
@@ -189,7 +194,10 @@ class Refresher:
             if base is not None:
                 seed_from(sig, base)
         self._sync()  # every rank lists the stale shards from the same state
-        todo = sig.stale_shards(step, staleness)
+        stale = set(sig.stale_shards(step, staleness))
+        # a live route recomputes a damaged shard of its copy instead of failing the decision on it
+        todo = sorted(stale | set(sig.damaged_shards(sorted(set(range(sig.num_shards)) - stale))))
+        self._sync()  # every rank has its list before any rank commits a shard (which would drop it from a list)
         mine = todo[self.rank :: self.world_size]
         if todo:
             # gathering optimizer state is collective under ZeRO: every rank does it, even with no shard

@@ -66,14 +66,22 @@ class RunResult:
     seconds: float = 0.0
     note: str = ""
     """What was done, when it is not shards of rows (an index built or reused)."""
+    damaged: list[int] = field(default_factory=list)
+    """Committed shards whose data failed its checksum: recomputed, never counted as reused."""
 
     def summary(self) -> str:
         if self.note:
             return f"{self.signal}: {self.note}"
         if not self.computed:
             return f"{self.signal}: all {self.skipped} shards reused from the store, nothing recomputed"
-        return (f"{self.signal}: computed {len(self.computed)} shards ({self.rows} rows) in {self.seconds:.1f} s, "
-                f"reused {self.skipped}")
+        damaged = (f" ({len(self.damaged)} of them committed but damaged: {_ids(self.damaged)})"
+                   if self.damaged else "")
+        return (f"{self.signal}: computed {len(self.computed)} shards ({self.rows} rows) in {self.seconds:.1f} s"
+                f"{damaged}, reused {self.skipped}")
+
+
+def _ids(shards: list[int]) -> str:
+    return ", ".join(map(str, shards[:8])) + (", ..." if len(shards) > 8 else "")
 
 
 def default_workers(args: RunnerArgs) -> int:
@@ -102,13 +110,16 @@ def existing_signal(stage: Stage, store: Store):
 
 def plan_shards(stage: Stage, store: Store, *, version: int | None = None, max_staleness: int | None = None,
                 shards: list[int] | None = None):
-    """The signal and the shards a run must compute (missing, or stale under the policy)."""
+    """The signal, the shards a run must compute (missing, stale under the policy, or damaged), and the damaged.
+
+    A committed shard is reused only once its data passed the read check (its checksum; one hash per
+    shard and process, see store.integrity), so a shard overwritten on disk is recomputed, not reused.
+    """
     sig = stage_signal(stage, store)
-    todo = sig.stale_shards(version, max_staleness)
-    if shards is not None:
-        wanted = set(shards)
-        todo = [s for s in todo if s in wanted]
-    return sig, todo
+    todo = set(sig.stale_shards(version, max_staleness))
+    wanted = set(range(sig.num_shards)) if shards is None else set(shards)
+    damaged = sorted(sig.damaged_shards(sorted(wanted - todo)))
+    return sig, sorted((todo | set(damaged)) & wanted), damaged
 
 
 def run_stage(stage: Stage, data, store: Store, runner: RunnerArgs | None = None, *, version: int | None = None,
@@ -117,9 +128,9 @@ def run_stage(stage: Stage, data, store: Store, runner: RunnerArgs | None = None
     """Compute and commit every missing (or stale) shard of the stage's signal for `data`."""
     runner = runner or RunnerArgs()
     store.check_dataset(data.fingerprint)
-    sig, todo = plan_shards(stage, store, version=version, max_staleness=max_staleness, shards=shards)
+    sig, todo, damaged = plan_shards(stage, store, version=version, max_staleness=max_staleness, shards=shards)
     total = sig.num_shards if shards is None else len(shards)
-    result = RunResult(signal=sig.name, key=sig.key, skipped=total - len(todo))
+    result = RunResult(signal=sig.name, key=sig.key, skipped=total - len(todo), damaged=damaged)
     if not todo:
         if not store.read_only:  # a reader of a read-only store writes nothing, not even its log line
             store.log_stage(stage=sig.name, key=sig.key, computed=0, skipped=result.skipped, rows=0, seconds=0.0)

@@ -24,3 +24,13 @@ class DamagedFile(StoreError):
     def __init__(self, message: str, hint: str | None, path):
         self.path = path
         super().__init__(message, hint)
+
+
+class CorruptShard(StoreError):
+    """A committed shard whose bytes no longer match its checksum (or cannot be read); names it and the fix."""
+
+    def __init__(self, message: str, hint: str | None, *, key: str, shard: int, path):
+        self.key = key
+        self.shard = shard
+        self.path = path
+        super().__init__(message, hint)

@@ -7,10 +7,16 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+
+try:  # installed with `datasets`; reads fall back to blake2b without it
+    import xxhash
+except ImportError:  # pragma: no cover
+    xxhash = None
 
 HASH_HEX_CHARS = 20  # 80 bits: collisions are not a practical concern for signal keys
 
@@ -139,9 +145,21 @@ def fingerprint_tensors(named: Iterable[tuple[str, object]]) -> str:
     return h.hexdigest()[:HASH_HEX_CHARS]
 
 
+def _little_endian(arr: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(arr)
+    if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and sys.byteorder == "big"):
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a
+
+
 def checksum_array(arr: np.ndarray) -> str:
     """Checksum of an array's little-endian bytes (what verify recomputes)."""
-    a = np.ascontiguousarray(arr)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    return hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
+    return hashlib.blake2b(_little_endian(arr).reshape(-1).view(np.uint8), digest_size=16).hexdigest()
+
+
+def fast_checksum(arr: np.ndarray) -> str:
+    """xxh3-128 of an array's little-endian bytes: what a read checks (about 3x memcpy speed, blake2b 1/10);
+    "" when the xxhash package (a dependency of `datasets`) is missing, and then reads check `checksum_array`."""
+    if xxhash is None:
+        return ""
+    return xxhash.xxh3_128_hexdigest(_little_endian(arr).reshape(-1).view(np.uint8))

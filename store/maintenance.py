@@ -6,13 +6,14 @@ import contextlib
 import errno
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .atomic import is_temp_debris
 from .errors import LockBusy, StoreError
 from .faiss_index import index_status
-from .hashing import checksum_array
+from .hashing import checksum_array, fast_checksum
+from .integrity import mismatch
 from .layout import (
     COMMITS_DIR,
     DATA_ARRAY,
@@ -164,9 +165,11 @@ def shard_problem(sig, shard: int, rec) -> str | None:
     try:
         if not sig.chunk_path(shard, rec.slot).is_file():
             return f"data file of slot {rec.slot} is missing"
-        values = sig._read_committed(rec)
+        values = sig._read_committed(rec, check=False)  # every hash recomputed here, none taken on trust
         if len(values) != rec.rows or checksum_array(values) != rec.checksum:
-            return "checksum mismatch"
+            return mismatch(replace(rec, fast_checksum=""), values)
+        if rec.fast_checksum and fast_checksum(values) not in ("", rec.fast_checksum):
+            return "fast checksum mismatch (the record's two checksums disagree)"
     except Exception as exc:  # noqa: BLE001 - whatever the damage, it is a finding of this shard
         return f"unreadable ({type(exc).__name__}: {exc})"
     return None

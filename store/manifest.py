@@ -90,6 +90,7 @@ _COMMIT_FIELDS = {
     "committed_at": (_is_number, "a time"),
     "generation": (lambda v: _is_int(v, 0), "a non-negative integer"),
     "seconds": (_is_number, "a number of seconds"),
+    "fast_checksum": (lambda v: isinstance(v, str), "a checksum string"),
 }
 
 
@@ -193,6 +194,8 @@ class CommitRecord:
     committed_at: float
     generation: int
     seconds: float = 0.0
+    fast_checksum: str = ""
+    """xxh3-128 of the same bytes, what a read checks cheaply; "" in records written before it existed."""
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, asdict(self))
@@ -202,7 +205,7 @@ class CommitRecord:
         """The record at ``path``; with ``shard`` and ``rows``, one that names another shard or size is damaged."""
         hint = repair_hint(path.parents[3])
         obj = _read_json(path, "commit record", hint)
-        problems = field_problems(obj, _COMMIT_FIELDS, optional=("seconds",))
+        problems = field_problems(obj, _COMMIT_FIELDS, optional=("seconds", "fast_checksum"))
         if not problems and shard is not None and obj["shard"] != shard:
             problems.append(f"names shard {obj['shard']}, not {shard}")
         if not problems and rows is not None and obj["rows"] != rows:

@@ -20,9 +20,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
 
+from . import integrity
 from .atomic import fsync_dir
-from .errors import DamagedFile, StoreError
-from .hashing import checksum_array, stable_hash
+from .errors import CorruptShard, DamagedFile, StoreError
+from .hashing import checksum_array, fast_checksum, stable_hash
+from .integrity import file_identity
 from .layout import COMMITS_DIR, DATA_ARRAY, LOCKS_DIR, shard_file
 from .locks import FileLock
 from .manifest import CommitRecord, SignalMeta, StoreMeta
@@ -111,25 +113,28 @@ class Signal:
             self._direct = _plain_chunks(self._array)
         return self._array
 
-    def _read_slot(self, shard: int, slot: int, rows: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The first ``rows`` rows of one slot, into ``out`` (C-contiguous) when given."""
+    def _read_slot(self, shard: int, slot: int, rows: int, out: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
+        """The first ``rows`` rows of one slot, into ``out`` (C-contiguous) when given, and the data file's identity."""
         if out is None:
             out = np.empty((rows, *self.meta.row_shape), dtype=self.dtype)
         array = self.array
+        path = self.chunk_path(shard, slot)
         if not self._direct:
+            st = os.stat(path)
             out[...] = array[shard, slot, :rows]
-            return out
+            return out, file_identity(path, st)
         # An uncompressed little-endian chunk is the rows' bytes in C order: one read() into the
         # caller's buffer is a single copy, as from a memmap, instead of zarr's read-decode-copy.
         buf = out.reshape(-1).view(np.uint8)
-        with open(self.chunk_path(shard, slot), "rb", buffering=0) as fh:
+        with open(path, "rb", buffering=0) as fh:
+            st = os.fstat(fh.fileno())
             got = 0
             while got < buf.size:
                 n = fh.readinto(buf[got:])
                 if not n:
                     raise ValueError(f"chunk file {fh.name} ends after {got} of {buf.size} bytes")
                 got += n
-        return out
+        return out, file_identity(path, st)
 
     def chunk_path(self, shard: int, slot: int) -> Path:
         tail = (0,) * (0 if self.dim is None else 1)
@@ -255,8 +260,11 @@ class Signal:
                 shard=int(shard), slot=slot, rows=int(arr.shape[0]), version=int(version), model=str(model),
                 checksum=checksum_array(arr), committed_at=time.time(),
                 generation=0 if old is None else old.generation + 1, seconds=float(seconds),
+                fast_checksum=fast_checksum(arr),
             )
             record.save(self._record_path(shard))
+            # this process wrote these bytes: its own reads of them need no hash
+            integrity.remember(file_identity(chunk, os.stat(chunk)), record)
             if old is not None:
                 # the superseded slot is no longer referenced; a reader still on it re-reads the
                 # record, sees the new generation and moves to the new slot
@@ -264,23 +272,25 @@ class Signal:
         return record
 
     # -- reading --------------------------------------------------------------
-    def _read_committed(self, record: CommitRecord, out: np.ndarray | None = None) -> np.ndarray:
+    def _read_committed(self, record: CommitRecord, out: np.ndarray | None = None, *, check: bool = True
+                        ) -> np.ndarray:
+        """The record's values; with ``check``, its bytes are hashed at the first read of that file in a process
+        and a mismatch is a CorruptShard (verify reads with ``check=False`` and recomputes every hash itself)."""
         # A writer (or gc) may replace the shard while we read it: re-check the commit record
         # afterwards and read again if it moved, so a reader never returns a torn or dropped slot.
         for _ in range(100):
             try:
-                values = self._read_slot(record.shard, record.slot, record.rows, out)
+                values, identity = self._read_slot(record.shard, record.slot, record.rows, out)
                 error = None
             except Exception as exc:  # a slot replaced or removed under us reads as garbage
-                values, error = None, exc
+                values, identity, error = None, None, exc
             now = self.record(record.shard)
             if now is None or now.generation == record.generation:
                 if error is not None:
-                    raise StoreError(
-                        f"shard {record.shard} of signal {self.name!r} is unreadable "
-                        f"({type(error).__name__}: {error})",
-                        "run `flexfeed store verify`, then recompute the shard",
-                    ) from None
+                    raise integrity.corrupt(self, record.shard, f"unreadable ({type(error).__name__}: {error})",
+                                            self.chunk_path(record.shard, record.slot))
+                if check:  # the record is unchanged, so these bytes are the committed ones, or damage
+                    integrity.check(self, record, values, identity)
                 return values
             if now.rows != record.rows and out is not None:
                 raise StoreError(f"shard {record.shard} of signal {self.name!r} changed its row count",
@@ -308,6 +318,28 @@ class Signal:
             if record is None:
                 raise StoreError(f"shard {shard} of signal {self.name!r} is not committed", "run its stage first")
             yield shard, shard * self.shard_rows, self._read_committed(record)
+
+    def damaged_shards(self, shards: Sequence[int] | None = None) -> dict[int, str]:
+        """Committed shards (of ``shards``, default all) whose data fails the read check, with why.
+
+        A file already checked in this process costs one stat; any other is read and hashed once.
+        """
+        records = self.records()
+        out = {}
+        for shard in sorted(records if shards is None else set(shards) & set(records)):
+            rec = records[shard]
+            path = self.chunk_path(shard, rec.slot)
+            try:
+                if integrity.is_verified(file_identity(path, os.stat(path)), rec):
+                    continue
+            except OSError:
+                pass  # missing: the read below says so
+            try:
+                self._read_committed(rec)
+            except CorruptShard as exc:
+                if self.record(shard) == rec:  # not recommitted meanwhile
+                    out[shard] = exc.message
+        return out
 
     def read_all(self) -> np.ndarray:
         """The whole signal as one array; every shard must be committed."""
