@@ -40,8 +40,15 @@ class FlexRun:
         return stages[0].strategy if stages else None
 
     def weight_stages(self) -> list:
-        """The plan's loss-space stages: weighters and loss-space mixers (their weights multiply)."""
-        return self.scheduler.loss_stages() if self.scheduler is not None else []
+        """The plan's loss-space stages (weighters, loss-space mixers) and a drawing mixer that importance-weights
+        the samples it drew (DoReMi: alpha over the draw probability); their weights multiply."""
+        if self.scheduler is None:
+            return []
+        stages = self.scheduler.loss_stages()
+        budget = self.scheduler.budget
+        if budget is not None and budget.family == "mix" and getattr(budget.strategy, "importance_weighted", False):
+            stages = [*stages, budget]
+        return stages
 
 
 class FlexfeedTrainer(Trainer):
@@ -52,6 +59,7 @@ class FlexfeedTrainer(Trainer):
         self.flex = flex or FlexRun("static")
         self._logged_decisions = 0
         self._eval_losses: list | None = None  # (per-sample losses, domains) of each evaluation batch, when kept
+        self._step_batches: list = []  # (losses, rows, domains) of the optimizer step's micro-batches so far
         if self.flex.weight_stages():
             # our weighted loss is a per-batch mean: let Trainer divide it by the accumulation steps
             self.loss_is_scaled_for_ga = False
@@ -147,7 +155,17 @@ class FlexfeedTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _observe(self, mixer, g_loss: np.ndarray, g_rows: np.ndarray, g_dom: np.ndarray) -> None:
-        """Hand a mixer the global batch's losses, with the proportions that batch was drawn with."""
+        """Hand a mixer the global batch of one optimizer step, with the proportions it was drawn with.
+
+        Under gradient accumulation the step's micro-batches are gathered and observed together at its last
+        one, so a mixer's time is optimizer steps (ODM's exploration rate, one bandit round per step) and
+        gradient_accumulation_steps x batch size makes the same decisions whatever the split.
+        """
+        self._step_batches.append((g_loss, g_rows, g_dom))
+        if not self.accelerator.sync_gradients:
+            return  # more micro-batches of this optimizer step are to come
+        g_loss, g_rows, g_dom = (np.concatenate(parts) for parts in zip(*self._step_batches, strict=True))
+        self._step_batches = []
         sched = self.flex.scheduler
         mixer.drawn_with = sched.proportions_of_window(sched.windows.window_of(self.state.global_step))
         mixer.observe(g_dom, g_loss, g_rows, self.state.global_step)

@@ -279,8 +279,8 @@ def test_bad_plans_are_refused_when_the_config_loads(run_cfg, tmp_path, plan_yam
         load_config(_plan_config(root, tmp_path, plan_yaml))
 
 
-def test_doremi_reweight_form_weights_each_domain_by_alpha_over_its_batch_share():
-    mixer = MIXERS.build("doremi", {"form": "reweight"})
+def test_doremi_weights_only_form_weights_each_domain_by_alpha_over_its_batch_share():
+    mixer = MIXERS.build("doremi", {"form": "weights_only"})
     assert mixer.loss_space
     np.testing.assert_array_equal(mixer.weights(np.ones(4), None, np.array([0, 0, 0, 1]), 0), np.ones(4))
     mixer.alpha = np.array([0.7, 0.3])
@@ -298,7 +298,7 @@ def test_a_reweighting_doremi_stage_leaves_the_draw_alone_and_multiplies_with_a_
     run_stage_job(load_config(path, ["loss.signal=ref_loss"]), "loss", progress=False)
     cfg_path = _plan_config(root, tmp_path, """
 plan:
-  - {family: mix, component: doremi, component_args: {form: reweight}, warmup_step: 0}
+  - {family: mix, component: doremi, component_args: {form: weights_only}, warmup_step: 0}
   - {family: weight, component: loss, component_args: {strategy: linupper}, warmup_step: 0}
 """)
     train(load_config(cfg_path, ["loss.signal=ref_loss"]))

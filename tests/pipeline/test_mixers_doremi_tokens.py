@@ -88,7 +88,8 @@ def test_per_sample_excess_against_exact_per_token_online_doremi(make_ctx):
 
         mixer.observe(domains, proxy_tok.mean(axis=1), rows, step)
         before = mixer.alpha.copy() if mixer.alpha is not None else np.full(2, 0.5)
-        sampled = mixer.proportions(ctx)
+        mixer.proportions(ctx)
+        sampled = mixer.alpha.copy()  # the weights alpha_t (the draw stays on the reference mixture)
         np.testing.assert_allclose(ctx.log["doremi/excess"], per_sample, rtol=1e-9, atol=1e-12)
         exact_before = list(exact_alpha)
         exact_alpha = exact_step(exact_alpha, per_token)

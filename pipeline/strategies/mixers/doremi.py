@@ -13,11 +13,23 @@ DoReMi clips per token and averages over a domain's tokens; here the clip is app
 mean loss, because per-token reference losses are not stored. Negative token excesses inside a sample
 therefore offset positive ones, so this excess is never above the per-token one (for equal lengths).
 
-Sampling uses the current alpha_t, not the average. DoReMi trains the proxy on the alpha_t-weighted
-domain losses; drawing the batch's domains with probabilities alpha_t optimises the same objective in
-expectation, and it is the form a mixer can act on. The iterates oscillate, so the run's output (what
-the final run samples with) is their average, as in DoReMi. A decision with no batch observed since the
-previous one makes no update and does not count toward the average.
+DoReMi measures every domain on every batch: it draws batches from the reference mixture and trains
+the proxy on the alpha_t-weighted domain losses. Three forms (`form`):
+
+    reweight (default, DoReMi's own): windows drawn by the reference proportions q (the run's initial
+        mixture: uniform unless configured), with exact quotas, so every domain with q_k * window >= 1
+        is measured at every update; each sample's loss is weighted alpha_t[d] / q[d], so the batch loss
+        estimates sum_k alpha_k * (mean loss of domain k).
+    sample: windows drawn by alpha_t itself, the counts drawn at random (multinomial over one batch,
+        scaled to the window) so each domain's expected count is alpha_k * B and a low-weight domain is
+        still measured now and then; each sample's loss is weighted alpha_t[d] / (the alpha its window
+        was drawn with)[d] (1 unless a batch was drawn before the latest update).
+    weights_only: the draw is left to the plan (uniform rows, or another stage); each sample is weighted
+        alpha[d] / (share of domain d in the batch). Composes with a drawing select stage.
+
+The iterates oscillate, so the run's output (what the final run samples with) is their average, as in
+DoReMi. A decision with no batch observed since the previous one makes no update and does not count
+toward the average.
 """
 
 from __future__ import annotations
@@ -44,10 +56,10 @@ class DoReMiParams:
     """Step size eta of the exponentiated-gradient update (DoReMi uses 1.0)."""
     reweight_eps: float = 1e-3
     """Smoothing eps toward uniform after each update, in [0, 1] (DoReMi's c = 1e-3)."""
-    form: Literal["sample", "reweight"] = "sample"
-    """`sample`: draw each window's domains with alpha_t (takes the budget); `reweight`: DoReMi's own form,
-    batches drawn without it and each sample's loss weighted so the batch loss is sum_k alpha_k * mean loss_k
-    (a loss-space stage: it multiplies with weighters)."""
+    form: Literal["reweight", "sample", "weights_only"] = "reweight"
+    """`reweight` (DoReMi's): windows drawn by the reference (initial) mixture, each loss weighted alpha/q;
+    `sample`: windows drawn by alpha_t with random counts, importance-weighted; `weights_only`: the draw left to
+    the plan, each loss weighted alpha over its domain's batch share (composes with a drawing select stage)."""
 
     def __post_init__(self):
         if not self.reweight_eta > 0:
@@ -68,9 +80,17 @@ def doremi_step(alpha: np.ndarray, excess: np.ndarray, eta: float, eps: float) -
     return (1.0 - eps) * prime + eps / len(alpha)
 
 
+def random_counts(rng: np.random.Generator, p: np.ndarray, num_samples: int) -> np.ndarray:
+    """Multinomial counts of `num_samples` draws with probabilities p, as proportions (counts / num_samples).
+
+    A window is a whole number of batches, so the scheduler's exact quotas turn these proportions into the
+    drawn counts times the number of batches: each domain's expected count is p_k times the window."""
+    return rng.multinomial(num_samples, p / p.sum()) / num_samples
+
+
 @MIXERS.register("doremi")
 class DoReMiMixer(Mixer):
-    """Online Group DRO over domains; samples with the current weights, outputs their running average."""
+    """Online Group DRO over domains: measures every domain, weights losses by alpha, outputs alpha's average."""
 
     Params = DoReMiParams
 
@@ -82,6 +102,8 @@ class DoReMiMixer(Mixer):
         self.num_updates = 0
         self.domain_names: list[str] = []
         self.last_excess: np.ndarray | None = None  # per domain, carried over for unsampled domains
+        self.batch_samples = 0  # samples of the last observed batch: the unit of the sample form's random draw
+        self.drawn: list[tuple[int, np.ndarray]] = []  # (decision step, distribution its windows are drawn from)
 
     def needs(self) -> list[SignalNeed]:
         """The reference model's per-sample losses, computed once offline."""
@@ -89,21 +111,36 @@ class DoReMiMixer(Mixer):
 
     @property
     def loss_space(self) -> bool:
-        """In its reweighting form DoReMi weights losses instead of drawing domains."""
-        return self.params.form == "reweight"
+        """Only `weights_only` leaves the draw to the plan and acts in loss space alone."""
+        return self.params.form == "weights_only"
+
+    @property
+    def importance_weighted(self) -> bool:
+        """`reweight` and `sample` draw the window and weight each loss by alpha over its draw probability."""
+        return self.params.form != "weights_only"
 
     def weights(self, losses, rows, domains, step: int) -> np.ndarray:
-        """Reweighting form: w_i = alpha_{d(i)} / (share of domain d(i) in the batch), so that the batch loss
-        mean_i(w_i l_i) is sum_k alpha_k * (mean loss of domain k); ones before the first decision."""
+        """Per-sample loss weights (ones before the first decision).
+
+        `reweight`/`sample`: alpha_t[d] / q[d], q the distribution the sample's window was drawn from, so the batch
+        loss mean_i(w_i l_i) estimates sum_k alpha_k * (mean loss of domain k) without bias;
+        `weights_only`: alpha[d] / (share of d in the batch), so it is that sum over the domains present."""
         domains = np.asarray(domains, dtype=np.int64)
         if self.alpha is None:
             return np.ones(len(domains))
-        share = np.bincount(domains, minlength=len(self.alpha))[domains] / len(domains)
-        return self.alpha[domains] / share
+        if self.loss_space:
+            share = np.bincount(domains, minlength=len(self.alpha))[domains] / len(domains)
+            return self.alpha[domains] / share
+        drawn = [q for s, q in self.drawn if s <= step]
+        if not drawn:  # a warm-up window, drawn from the initial mixture before any decision
+            return np.ones(len(domains))
+        return self.alpha[domains] / drawn[-1][domains]
 
     def observe(self, domains, losses, rows, step: int) -> None:
         """Buffer the batch; excess losses are computed at the next decision, where ref_loss is read."""
-        self._buffer.append(as_batch(domains, losses, rows))
+        batch = as_batch(domains, losses, rows)
+        self.batch_samples = len(batch[0]) or self.batch_samples
+        self._buffer.append(batch)
 
     def _excess(self, ctx) -> tuple[np.ndarray, np.ndarray]:
         domains = np.concatenate([b[0] for b in self._buffer])
@@ -118,7 +155,7 @@ class DoReMiMixer(Mixer):
         return per_domain_mean(excess, domains, ctx.num_domains)
 
     def proportions(self, ctx) -> np.ndarray:
-        """Update alpha from the excess losses since the last decision; return the current alpha."""
+        """Update alpha from the excess losses since the last decision; return the proportions to draw with."""
         k = ctx.num_domains
         if self.alpha is None:
             self.alpha, self.alpha_sum = np.full(k, 1.0 / k), np.zeros(k)
@@ -126,11 +163,15 @@ class DoReMiMixer(Mixer):
             raise FlexfeedError(f"doremi state has {len(self.alpha)} domains but the run has {k}",
                                 "resume only with the same datasets")
         self.domain_names = list(ctx.domain_names)
-        if not self._buffer:  # nothing observed: no evidence, no step (the average is not diluted either)
-            return self.alpha.copy()
+        if self._buffer:  # nothing observed: no evidence, no step (the average is not diluted either)
+            self._update(ctx)
+        return self._draw(ctx)
+
+    def _update(self, ctx) -> None:
+        k = ctx.num_domains
         excess, counts = self._excess(ctx)
-        # A domain the sampler gave no rows since the last decision keeps its last measured excess:
-        # counting it as 0 would lock it out (its weight only shrinks, so it is never sampled again).
+        # A domain that got no rows since the last decision keeps its last measured excess: counting it
+        # as 0 would shrink its weight on no evidence.
         if self.last_excess is None:
             self.last_excess = np.zeros(k)
         excess = np.where(counts > 0, excess, self.last_excess)
@@ -141,7 +182,25 @@ class DoReMiMixer(Mixer):
         self._buffer.clear()
         ctx.log.update({"doremi/excess": excess.tolist(), "doremi/counts": counts.tolist(),
                         "doremi/alpha": self.alpha.tolist(), "doremi/average": self.average().tolist()})
-        return self.alpha.copy()
+
+    def _draw(self, ctx) -> np.ndarray:
+        """The proportions of the next window: alpha (weights_only: the plan ignores them), the reference
+        mixture (reweight), or a random draw of alpha (sample); what it is drawn from is kept for weights()."""
+        form = self.params.form
+        if form == "weights_only":
+            return self.alpha.copy()
+        if form == "reweight":
+            ref = ctx.init_proportions
+            q = np.full(ctx.num_domains, 1.0 / ctx.num_domains) if ref is None else np.asarray(ref, np.float64)
+            q = q / q.sum()
+            out = q
+        else:
+            q = self.alpha.copy()
+            # before any batch the unit is unknown: exact quotas of alpha_0 (uniform) measure every domain
+            out = random_counts(ctx.rng, q, self.batch_samples) if self.batch_samples else q
+        self.drawn = [*[d for d in self.drawn if d[0] < ctx.step][-3:], (int(ctx.step), q.copy())]
+        ctx.log["doremi/drawn_from"] = q.tolist()
+        return out.copy()
 
     def average(self) -> np.ndarray:
         """Running average of alpha over the updates so far (uniform before the first)."""
@@ -180,6 +239,9 @@ class DoReMiMixer(Mixer):
             "domain_names": list(self.domain_names),
             "last_excess": None if self.last_excess is None else self.last_excess.copy(),
             "buffer_domains": domains, "buffer_losses": losses, "buffer_rows": rows,
+            "batch_samples": self.batch_samples,
+            "drawn_steps": np.array([d[0] for d in self.drawn], dtype=np.int64),
+            "drawn_from": np.array([d[1] for d in self.drawn]) if self.drawn else np.zeros((0, 0)),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -191,3 +253,7 @@ class DoReMiMixer(Mixer):
         self.last_excess = None if last is None else np.array(last, dtype=np.float64)
         batch = as_batch(state["buffer_domains"], state["buffer_losses"], state["buffer_rows"])
         self._buffer = [batch] if len(batch[0]) else []
+        self.batch_samples = int(state.get("batch_samples", 0))
+        steps = np.asarray(state.get("drawn_steps", np.zeros(0)), dtype=np.int64).reshape(-1)
+        dists = np.asarray(state.get("drawn_from", np.zeros((0, 0))), dtype=np.float64)
+        self.drawn = [(int(s), dists[i].copy()) for i, s in enumerate(steps)]

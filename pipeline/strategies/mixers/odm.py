@@ -8,7 +8,9 @@ mean loss of its own samples in that batch. After the t-th observed batch (t = 1
     eps_t    =  min(1/K, sqrt(ln K / (K * t))),  eps_0 = 1/K
     pi_{t+1} =  (1 - K * eps_{t+1}) * softmax(eps_t * R_hat) + eps_{t+1}
 
-p_k is the probability with which the sampler drew domain k for that batch: the last proportions handed
+A round is one observed batch: in a trainer, one optimizer step (its micro-batches are observed together
+under gradient accumulation), so t counts optimizer steps. p_k is the probability with which the sampler
+drew domain k for that batch: the last proportions handed
 out. Batches observed before the first decision (warmup, drawn from the run's initial mixture, which the
 mixer is not told) are replayed at that decision with p_k = domain k's share of all warmup samples, the
 empirical estimate of that mixture. s is `reward_scale`. As in the paper, the softmax uses
