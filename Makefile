@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup test demo bench lint stages clean
+.PHONY: setup test demo bench bench-peer lint stages clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# flexfeed against DataFlex 1.1.0 on DataFlex's less example; DataFlex is installed once into its own venv
+# (bench_out/peer/venv), never into $(VENV). Not part of `bench`. PEER_ARGS: options of bench/peer/run.py.
+bench-peer: $(STAMP)
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" bash bench/peer/install.sh bench_out/peer
+	$(BIN)/python bench/peer/run.py $(PEER_ARGS)
 
 stages: $(STAMP)
 	$(BIN)/flexfeed stage all $(CONFIG)
