@@ -79,6 +79,37 @@ def filter_pools(run: RunData) -> dict[str, list[FilterPool]]:
 
 
 @dataclass
+class Repeats:
+    """How often a run's selections served rows it had trained on before (records' `already_seen`, `rows_seen`)."""
+
+    decisions: int
+    """Decision windows counted."""
+    already_seen: int
+    """Rows of those windows that an earlier window had served, summed over the windows."""
+    rows: int
+    """Distinct rows of those windows, summed over the windows."""
+    rows_seen: int
+    """Distinct rows served over the run."""
+
+
+def repeats(run: RunData) -> Repeats | None:
+    """Rows re-served at decisions, or None for a run whose records do not count them (written before they did)."""
+    records = [d for d in run.decisions if "rows_seen" in d]
+    if not records:
+        return None
+    decisions = already = rows = 0
+    before = 0
+    for d in records:  # a window's distinct rows: the new ones (rows_seen grew by them) and the already seen
+        seen = int(d.get("already_seen", 0))
+        if d.get("decision"):
+            decisions += 1
+            already += seen
+            rows += int(d["rows_seen"]) - before + seen
+        before = int(d["rows_seen"])
+    return Repeats(decisions, already, rows, before)
+
+
+@dataclass
 class ServedOrder:
     """Per-step quantiles (QUANTILES) of the served rows' scores, for the steps that are known."""
 

@@ -18,7 +18,7 @@ import numpy as np
 from store.errors import FlexfeedError
 from store.maintenance import human_bytes
 
-from .plan_record import filter_pools, fired_steps, served_order, stage_labels
+from .plan_record import filter_pools, fired_steps, repeats, served_order, stage_labels
 from .run_files import RunData, load_run, read_json_object
 
 REPORT_FILE = "report.html"
@@ -334,11 +334,21 @@ def _component(run: RunData) -> str:
     return run.run.get("component") or ""
 
 
+def _repeats(run: RunData) -> str:
+    """Rows the run's decisions chose that it had trained on before, and the distinct rows it trained on."""
+    r = repeats(run)
+    if r is None:
+        return ""
+    chosen = f"{r.already_seen} of {r.rows} at {r.decisions} decisions; " if r.decisions else ""
+    return f"{chosen}{r.rows_seen} distinct rows"
+
+
 def _runs_table(runs: list[RunData]) -> str:
     rows = [[r.path.name, r.kind, _component(r), r.run.get("steps"), r.run.get("train_loss"),
-             r.run.get("global_batch"), ", ".join(r.domains), r.run.get("final_weights") or ""] for r in runs]
+             r.run.get("global_batch"), ", ".join(r.domains), r.run.get("final_weights") or "", _repeats(r)]
+            for r in runs]
     return _table(["run", "train_type", "component", "steps", "train loss", "global batch", "domains",
-                   "final weights"], rows)
+                   "final weights", "rows seen before"], rows)
 
 
 def _stage_result(run: RunData, label: str) -> str:
@@ -464,7 +474,10 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, stores=()) -> 
     out = Path(out_dir) if out_dir else runs[0].path.resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     sections = [s for s in [_summary_section(out)] if s]
-    sections.append(Section("Runs", _runs_table(runs)))
+    sections.append(Section("Runs", _runs_table(runs) + (
+        "<p>Rows seen before: of the distinct rows each decision window served, those an earlier window had "
+        "served too, summed over the decisions; then the distinct rows the run served.</p>"
+        if any(repeats(r) for r in runs) else "")))
     plan = _plan_table(runs)
     if plan:
         sections.append(Section("Data plan", "<p>Each stage of a composed plan, the decision steps it fired at "

@@ -21,7 +21,7 @@ import numpy as np
 from store.errors import FlexfeedError
 
 from .config import RunConfig
-from .config.groups import TRAIN_TYPES
+from .config.groups import MAX_STEPS, TRAIN_TYPES
 from .plan import Windows, draw_by_proportions, permutation_slice, rng_for
 from .plan_record import step_quantiles
 from .strategies import DecisionContext, Strategy, registry_for
@@ -30,6 +30,8 @@ from .strategies.reorders.stream import CurriculumStream
 
 KINDS = TRAIN_TYPES  # one list, defined with the config's train_type
 INDEX_ORDER = ("select", "mix", "reorder")
+SELECTION_STREAM = 1_000_000
+"""Seeds the shuffles of a select_fraction selection's passes (plus the window it was chosen at)."""
 
 
 @dataclass
@@ -45,7 +47,16 @@ class PlanStage:
     mode: str = "draw"
     """select only: `draw` takes the window's budget, `filter` keeps `keep_ratio` of the pool."""
     keep_ratio: float = 1.0
+    select_fraction: float | None = None
+    """select in mode draw: the share of the pool selected when the stage fires, then served in passes."""
+    consume_once: bool | None = None
+    """select in mode draw: each decision takes rows not yet served in the current pass over the pool
+    (None: the selector's default, `Selector.consume_once`)."""
     last_step: int | None = None
+
+    def __post_init__(self):
+        if self.consume_once is None:
+            self.consume_once = bool(getattr(self.strategy, "consume_once", False))
 
     def due(self, step: int) -> bool:
         """Fires at a decision window starting at `step`."""
@@ -61,16 +72,26 @@ def configured_stages(cfg: RunConfig, seed: int) -> list[PlanStage]:
     kind = cfg.flex.train_type
     if kind == "static":
         return []
+    flex = cfg.flex
     if kind != "plan":
-        strategy = registry_for(kind).build(cfg.flex.component, cfg.flex.component_args, seed=seed)
+        strategy = registry_for(kind).build(flex.component, flex.component_args, seed=seed)
         # index-space kinds wait for warmup_step through the windows; a weighter, which acts on every
         # step's loss, waits through its own stage (DataFlex's weight trainer: no weights before warmup_step)
-        return [PlanStage(kind, strategy, warmup_step=cfg.flex.warmup_step if kind == "weight" else 0, every=1)]
+        # select_fraction selects once (LESS); the config refuses both keys outside train_type select
+        return [PlanStage(kind, strategy, warmup_step=flex.warmup_step if kind == "weight" else 0,
+                          every=MAX_STEPS if flex.select_fraction is not None else 1,
+                          select_fraction=flex.select_fraction, consume_once=_consume_once(flex.allow_repeats))]
     return [PlanStage(s.family, registry_for(s.family).build(s.component, s.component_args, seed=seed),
                       mode=s.mode, keep_ratio=s.keep_ratio,
-                      warmup_step=cfg.flex.warmup_step if s.warmup_step is None else s.warmup_step,
-                      every=cfg.flex.update_step if s.every is None else s.every)
-            for s in cfg.flex.plan if s.enabled]
+                      warmup_step=flex.warmup_step if s.warmup_step is None else s.warmup_step,
+                      every=s.every if s.every is not None else
+                      MAX_STEPS if s.select_fraction is not None else flex.update_step,
+                      select_fraction=s.select_fraction, consume_once=_consume_once(s.allow_repeats))
+            for s in flex.plan if s.enabled]
+
+
+def _consume_once(allow_repeats: bool | None) -> bool | None:
+    return None if allow_repeats is None else not allow_repeats
 
 
 def check_stages(stages: list[PlanStage]) -> PlanStage | None:
@@ -135,6 +156,11 @@ class Scheduler:
         self.order_scores: np.ndarray | None = None  # a window reorder's last scores (all rows)
         self.stream = CurriculumStream(windows.max_steps * windows.global_batch)
         self.decisions: list[dict] = []
+        self.served = np.zeros(self.num_rows, dtype=bool)  # consume_once: rows served in the current pass
+        self.passes = 0  # consume_once: passes over the pool begun before the current one
+        self.selection_cursor = 0  # select_fraction: samples served from last_selection since it was chosen
+        self.selection_window = 0  # select_fraction: the window last_selection was chosen at (seeds its shuffles)
+        self.seen = np.zeros(self.num_rows, dtype=bool)  # rows of every window planned so far (from the plans)
 
     # -- the stream -----------------------------------------------------------
     def plan(self, w: int) -> np.ndarray:
@@ -185,6 +211,10 @@ class Scheduler:
             record["stages"] = [{"stage": s.label, "fired": s in firing} for s in self.stages]
         counts = np.bincount(self.domain_ids[plan], minlength=len(self.domain_names))
         record["per_domain"] = dict(zip(self.domain_names, map(int, counts), strict=True))
+        rows = np.unique(plan)  # what the report shows of repeats: this window's rows trained on before, and in all
+        record["already_seen"] = int(self.seen[rows].sum())
+        self.seen[rows] = True
+        record["rows_seen"] = int(np.count_nonzero(self.seen))
         record["seconds"] = round(time.perf_counter() - t0, 4)
         if ctx is not None:
             record.update(_jsonable(ctx.log))
@@ -239,16 +269,68 @@ class Scheduler:
             return self.stream.slice(self._offset(w), n)
         # select in draw mode
         decide = budget in firing
+        if budget.select_fraction is not None:
+            return self._draw_fraction(ctx, budget, decide, w, n, record)
         if decide:
-            sel = budget.strategy.select(pool_context(ctx, self.pool), n)
-            base = self._pool_rows()
-            self.last_selection = base[_check_rows(sel.indices, base.size, budget.strategy.name)]
-            record["info"] = _jsonable(sel.info)
+            if budget.consume_once:
+                self.last_selection, info = self._select_unserved(ctx, budget, n)
+                record["pass"] = self.passes
+            else:
+                self.last_selection, info = self._select_among(ctx, budget, self._pool_rows(), n)
+            record["info"] = _jsonable(info)
         if self.last_selection is None:  # warm-up window: uniform
             return self._budget_uniform(w, n)
         pool = self.last_selection
         local = permutation_slice(len(pool), self.seed, 0 if decide else self._offset(w), n, stream=500 + w)
         return pool[local]
+
+    def _select_among(self, ctx, stage: PlanStage, rows: np.ndarray, n: int) -> tuple[np.ndarray, dict]:
+        """The stage's selector asked for n of `rows` (row ids of the train set): the rows and its info."""
+        sel = stage.strategy.select(pool_context(ctx, None if rows.size == self.num_rows else rows), n)
+        return rows[_check_rows(sel.indices, rows.size, stage.strategy.name)], sel.info
+
+    def _select_unserved(self, ctx, stage: PlanStage, n: int) -> tuple[np.ndarray, dict]:
+        """consume_once: n rows chosen among the pool's rows not yet served in the current pass; when fewer are
+        left, all of them, and the rest chosen from the others for the next pass."""
+        base = self._pool_rows()
+        if n >= base.size:  # the window holds the whole pool: the selector's own rule for more rows than it has
+            self.served[:] = False
+            return self._select_among(ctx, stage, base, n)
+        fresh = base[~self.served[base]]
+        if fresh.size >= n:
+            rows, info = self._select_among(ctx, stage, fresh, n)
+            self.served[rows] = True
+            return rows, info
+        rows, info = self._select_among(ctx, stage, base[self.served[base]], n - fresh.size)
+        self.served[:] = False  # the pass ends with the rows it had left; `rows` open the next one
+        self.served[rows] = True
+        self.passes += 1
+        rows = np.concatenate([fresh, rows])
+        counts = np.bincount(self.domain_ids[rows], minlength=len(self.domain_names))
+        info = {**info, "num_selected": int(rows.size), "num_unique": int(np.unique(rows).size),
+                "selected_per_domain": dict(zip(self.domain_names, map(int, counts), strict=True)),
+                "end_of_pass_rows": int(fresh.size)}
+        return rows, info
+
+    def _draw_fraction(self, ctx, stage: PlanStage, decide: bool, w: int, n: int, record: dict) -> np.ndarray:
+        """select_fraction: the stage selects its share of the pool when it fires; the windows serve that
+        selection in passes, each row once per pass, each pass in a new seeded order. Selecting the same rows
+        again continues the pass; other rows start a first pass over them."""
+        if decide:
+            base = self._pool_rows()
+            rows, info = self._select_among(ctx, stage, base, max(1, int(round(stage.select_fraction * base.size))))
+            rows = np.unique(rows)
+            if self.last_selection is None or not np.array_equal(rows, self.last_selection):
+                self.last_selection, self.selection_cursor, self.selection_window = rows, 0, w
+            record["info"] = _jsonable(info)
+        if self.last_selection is None:  # warm-up window: uniform
+            return self._budget_uniform(w, n)
+        selection = self.last_selection
+        record["pass"] = self.selection_cursor // selection.size
+        local = permutation_slice(selection.size, self.seed, self.selection_cursor, n,
+                                  stream=SELECTION_STREAM + self.selection_window)
+        self.selection_cursor += n
+        return selection[local]
 
     def _pool_rows(self) -> np.ndarray:
         """The rows later stages see: the filtered pool, or every row."""
@@ -299,6 +381,8 @@ class Scheduler:
             "last_proportions": self.last_proportions, "decisions": self.decisions,
             "strategy": self.strategy.state_dict() if self.strategy is not None else {},
             "run_id": self.run_id,
+            "served": np.flatnonzero(self.served), "passes": self.passes,
+            "selection_cursor": self.selection_cursor, "selection_window": self.selection_window,
         }
         if len(self.stages) > 1 or self.kept or self.stream.ready or self.order_scores is not None:
             state["stages"] = [{"strategy": s.strategy.state_dict(), "last_step": s.last_step} for s in self.stages]
@@ -316,6 +400,15 @@ class Scheduler:
         self.last_proportions = np.asarray(state["last_proportions"], dtype=np.float64)
         self.decisions = list(state.get("decisions", []))
         self.run_id = str(state.get("run_id") or self.run_id)
+        # checkpoints written before consume_once: no row counts as served, the next decision opens a pass
+        self.served = np.zeros(self.num_rows, dtype=bool)
+        self.served[np.asarray(state.get("served", []), dtype=np.int64)] = True
+        self.passes = int(state.get("passes", 0))
+        self.selection_cursor = int(state.get("selection_cursor", 0))
+        self.selection_window = int(state.get("selection_window", 0))
+        self.seen = np.zeros(self.num_rows, dtype=bool)
+        for rows in self.plans.values():
+            self.seen[rows] = True
         if "stages" in state:
             for stage, saved in zip(self.stages, state["stages"], strict=True):
                 stage.strategy.load_state_dict(saved.get("strategy", {}))

@@ -61,7 +61,11 @@ class PlanStageArgs:
     warmup_step: int | None = bounded(None, low=0, high=MAX_STEPS)
     """No decision (and, for weight, no weights) before this step; default the run's warmup_step."""
     every: int | None = bounded(None, low=1, high=MAX_STEPS)
-    """Steps between two firings of this stage (at decision windows); default the run's update_step."""
+    """Steps between two firings of this stage (at decision windows); default the run's update_step (with select_fraction: once)."""
+    select_fraction: float | None = bounded(None, low=0, low_open=True, high=1)
+    """select in mode draw: select this share of the pool once and train on it in passes (the run's select_fraction)."""
+    allow_repeats: bool | None = None
+    """select in mode draw: whether a decision may retake rows served earlier in the pass (the run's allow_repeats)."""
     enabled: bool = True
     """false leaves the stage out of the plan."""
 
@@ -71,6 +75,20 @@ class PlanStageArgs:
         if self.family != "select" and self.mode != "draw":
             raise FlexfeedError(f"mode {self.mode!r} is for select stages, not {self.family}",
                                 "drop mode from this stage")
+        check_selection_keys(self.select_fraction, self.allow_repeats,
+                             "this stage" if self.family == "select" and self.mode == "draw" else None,
+                             f"a {self.family} stage" if self.family != "select" else "a select stage in mode filter",
+                             "keep_ratio says how much a filter keeps" if self.family == "select" else "drop it")
+
+
+def check_selection_keys(select_fraction, allow_repeats, draw: str | None, other: str, fix: str) -> None:
+    """Refuse select_fraction / allow_repeats where no select draws (`draw` None), or both at once."""
+    given = [k for k, v in (("select_fraction", select_fraction), ("allow_repeats", allow_repeats)) if v is not None]
+    if given and draw is None:
+        raise FlexfeedError(f"{given[0]} is read by a select stage in mode draw, not by {other}", fix)
+    if len(given) == 2:
+        raise FlexfeedError(f"{draw}: select_fraction and allow_repeats are both set",
+                            "select_fraction serves each selected row once per pass; drop allow_repeats")
 
 
 def parse_plan(items, where: str) -> list[PlanStageArgs]:
@@ -120,6 +138,10 @@ class FlexArgs:
     """One weight per dataset, in `dataset` order, for the mixture rule; normalised to sum to 1."""
     mixer_eval_dataset: list[str] = field(default_factory=list)
     """Datasets a mixer evaluates on (comma-separated string accepted); default eval_dataset."""
+    select_fraction: float | None = bounded(None, low=0, low_open=True, high=1)
+    """`select` only: select this share of the train rows (rounded, at least one) at the first decision and train on them for the rest of the run, each row once per pass, reshuffled per pass (LESS: a top fraction selected once); None selects each window's rows at each decision."""
+    allow_repeats: bool | None = None
+    """`select` only, per-window selection: true lets each decision choose among every row (fixed scores then retake the same top rows every window); false takes the best rows not yet served in the current pass over the train set (DataFlex's consume_once); default the selector's own (false for less, near and nice; true for the others)."""
     plot_loss: bool = False
     """Write training_loss.png (and training_eval_loss.png when the run evaluates) into output_dir at the end, as LLaMA-Factory does."""
     plan: list = field(default_factory=list)
@@ -143,6 +165,10 @@ class FlexArgs:
         if self.update_times == -1:
             self.update_times = None
         check_fields(self)
+        check_selection_keys(self.select_fraction, self.allow_repeats,
+                             "train_type select" if self.train_type == "select" else None,
+                             f"train_type {self.train_type}",
+                             "in a plan, set them on the select stage" if self.train_type == "plan" else "drop it")
         props = self.init_mixture_proportions
         if props is not None and (not props or any(p < 0 for p in props) or sum(props) <= 0):
             raise FlexfeedError(f"init_mixture_proportions must be non-negative with a positive sum, got {props}",

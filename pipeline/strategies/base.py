@@ -87,6 +87,12 @@ class Selector(Strategy):
 
     family = "select"
 
+    #: The default of a draw stage's per-window rule: True takes each decision's rows among those not yet
+    #: served in the current pass over the pool (DataFlex's `consume_once`), so fixed scores do not serve the
+    #: same top rows in every window; False lets every decision choose from the whole pool. The run's
+    #: `allow_repeats` overrides it.
+    consume_once: ClassVar[bool] = False
+
     def select(self, ctx, num_samples: int) -> Selection:
         """Return `num_samples` row ids (repeats allowed only if the rule asks for them)."""
         raise NotImplementedError

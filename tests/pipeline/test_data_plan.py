@@ -26,7 +26,8 @@ GOLDEN = Path(__file__).parent / "data" / "plan_golden.json"
 GOLDEN_CASES = {
     "select_random": ["train_type=select", "component=random"],
     "select_loss": ["train_type=select", "component=loss"],
-    "select_less": ["train_type=select", "component=less", "refresh.max_staleness=2"],
+    # recorded when every decision could retake the rows of the last (less now consumes them once a pass)
+    "select_less": ["train_type=select", "component=less", "refresh.max_staleness=2", "allow_repeats=true"],
     "mix_static": ["train_type=mix", "component=static", "component_args.proportions=[0.8,0.2]"],
     "mix_odm": ["train_type=mix", "component=odm"],
     "mix_random": ["train_type=mix", "component=random"],

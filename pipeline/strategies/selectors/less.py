@@ -112,6 +112,7 @@ class LessSelector(Selector):
 
     Params = LessParams
     target_signal = "grads_sgd"
+    consume_once = True  # fixed scores would retake the same top rows at every decision
 
     def needs(self) -> list[SignalNeed]:
         """Train gradient features per checkpoint and the target set's gradient features."""

@@ -43,6 +43,7 @@ class NearSelector(Selector):
     """Serves the train rows closest to the target samples."""
 
     Params = NearParams
+    consume_once = True  # embeddings do not change: every decision would retake the same nearest rows
 
     def needs(self) -> list[SignalNeed]:
         """Embeddings of train and target rows (they do not change with the model being trained)."""
