@@ -395,9 +395,10 @@ DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
         "*": {"cache_dir": CompatKey(reason=_STORE)},
         "adapt": {
             "refresh_interval": CompatKey(target="refresh.max_staleness",
-                                          reason="embeddings older than this many steps are recomputed"),
-            "anchor_batch_size": CompatKey(target="embed.batch_size", reason="embeddings are an offline stage"),
-            "clip": CompatKey(reason="flexfeed's adapt has no weight cap (weights are rescaled to mean 1)"),
+                                          reason="embeddings older than this many steps are recomputed with the "
+                                                 "live model before a decision, and the rows rescored"),
+            "anchor_batch_size": CompatKey(target="embed.batch_size", reason="embeddings are a store stage"),
+            "clip": CompatKey(target="component_args.clip", reason="cap on each sigmoid weight"),
         },
     },
 }

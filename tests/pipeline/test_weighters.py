@@ -73,8 +73,8 @@ TARGET = [[2.0, 0.0], [0.0, 1.0]]
 def test_adapt_weights_follow_the_formula(anchor, make_ctx):
     tau = 0.5
     weighter = WEIGHTERS.build("adapt", {"tau": tau, "anchor": anchor})
-    assert [(n.name, n.split, n.refresh) for n in weighter.needs()] == [("embed", "train", False),
-                                                                         ("embed", "target", False)]
+    assert [(n.name, n.split, n.refresh) for n in weighter.needs()] == [("embed", "train", True),
+                                                                         ("embed", "target", True)]
     rows = np.array([2, 0, 3, 0])
     np.testing.assert_array_equal(weighter.weights(None, rows, None, 1), np.ones(4))  # before any update
     weighter.update(make_ctx(len(TRAIN), train={"embed": TRAIN}, target={"embed": TARGET}))
@@ -117,3 +117,43 @@ def test_adapt_state_round_trip_and_errors(make_ctx):
     with pytest.raises(FlexfeedError) as exc:
         WEIGHTERS.build("adapt", {"anchor": "min"})
     assert "mean" in exc.value.hint
+
+
+def test_adapt_absolute_weights_are_the_capped_sigmoids(make_ctx):
+    # DataFlex's form: no batch normalisation. TRAIN rows 0, 2, 3 score (mean anchor) 0.5, sqrt(0.5), -0.5
+    weighter = WEIGHTERS.build("adapt", {"scale": "absolute", "tau": 1.0, "clip": 0.65})
+    weighter.update(make_ctx(len(TRAIN), train={"embed": TRAIN}, target={"embed": TARGET}))
+    w = weighter.weights(None, np.array([0, 2, 3]), None, 1)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # sigmoid(0.5) = 0.6225, sigmoid(0.7071) = 0.6698 -> capped at 0.65, sigmoid(-0.5) = 0.3775
+    np.testing.assert_allclose(w, [sig(0.5), 0.65, sig(-0.5)], rtol=1e-12)
+    with pytest.raises(FlexfeedError):
+        WEIGHTERS.build("adapt", {"scale": "sum"})
+    with pytest.raises(FlexfeedError):
+        WEIGHTERS.build("adapt", {"clip": 0.0})
+
+
+def test_adapt_rescores_the_rows_at_each_decision_from_the_embeddings_then(make_ctx):
+    weighter = WEIGHTERS.build("adapt", {"scale": "absolute"})
+    weighter.update(make_ctx(len(TRAIN), train={"embed": TRAIN}, target={"embed": TARGET}))
+    before = weighter.weights(None, np.array([3]), None, 1)
+    # refreshed embeddings: row 3 now points along the first anchor (score 0.5 instead of -0.5)
+    moved = [list(r) for r in TRAIN]
+    moved[3] = [1.0, 0.0]
+    weighter.update(make_ctx(len(TRAIN), train={"embed": moved}, target={"embed": TARGET}))
+    after = weighter.weights(None, np.array([3]), None, 2)
+    np.testing.assert_allclose([before[0], after[0]], [1 / (1 + math.exp(0.5)), 1 / (1 + math.exp(-0.5))])
+
+
+@pytest.mark.parametrize("staleness,live", [(None, False), (3, True)])
+def test_adapt_embeddings_are_refreshed_when_the_run_sets_a_staleness(tiny_checkpoint, tmp_path, staleness, live):
+    from pipeline.config import load_config
+    from pipeline.refresh import plan_routes
+    from tests.helpers.run_fixtures import make_run_dir
+
+    path = make_run_dir(tmp_path, tiny_checkpoint)
+    extra = [] if staleness is None else [f"refresh.max_staleness={staleness}"]
+    cfg = load_config(path, ["train_type=weight", "component=adapt", *extra])
+    routes = plan_routes(cfg, WEIGHTERS.build("adapt").needs(), "adapt")
+    assert {key: r.live for key, r in routes.items()} == {("embed", "train"): live, ("embed", "target"): live}
+    assert all(r.max_staleness == staleness for r in routes.values())

@@ -1,18 +1,23 @@
 """`adapt`: per-sample weights from embedding similarity to an anchor (target) set.
 
-At a decision the weighter reads the `embed` signal of the train rows and of the target split and scores
-every train row once:
+At each decision the weighter reads the `embed` signal of the train rows and of the target split and scores
+every train row:
 
     anchor: mean   s(x) = mean_a cos(e_x, e_a)  = e_x/|e_x| . mean_a(e_a/|e_a|)   (DataFlex's rule)
     anchor: max    s(x) = max_a cos(e_x, e_a)                                      (nearest anchor)
 
-Inside a batch, w_i = sigmoid(s(x_i) / tau), rescaled so the batch's weights average 1. No extra forward
-pass per batch: the scores come from the stored embeddings. Before the first decision all weights are 1.
+Inside a batch, w_i = min(sigmoid(s(x_i) / tau), clip): `scale: absolute` uses these as they are (DataFlex's
+ADAPT: each weight in (0, 1) scales its sample's learning rate), `scale: batch_mean` divides them by the
+batch's mean so they average 1. The embeddings are store signals: computed once offline, or, when the run
+sets `refresh.max_staleness` (DataFlex's `refresh_interval`), recomputed with the live model once older
+than that many steps, and the rows rescored at every decision. No extra forward pass per batch. Before
+the first decision all weights are 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -33,8 +38,15 @@ class AdaptParams:
     """Temperature of the sigmoid: smaller tau separates similar and dissimilar samples more."""
     anchor: str = "mean"
     """`mean`: mean cosine to the anchor set; `max`: cosine to the nearest anchor."""
+    scale: Literal["batch_mean", "absolute"] = "batch_mean"
+    """`batch_mean`: sigmoid weights divided by the batch mean (they average 1); `absolute`: the sigmoid weights
+    as they are, in (0, 1) (DataFlex's ADAPT)."""
+    clip: float | None = None
+    """Cap on each sigmoid weight before any scaling (DataFlex's `clip`); None: no cap."""
 
     def __post_init__(self):
+        if self.clip is not None and not self.clip > 0:
+            raise FlexfeedError(f"adapt clip must be > 0, got {self.clip}", "drop clip, or give a cap such as 0.9")
         if not self.tau > 0:
             raise FlexfeedError(f"adapt tau must be > 0, got {self.tau}", "use tau: 1.0")
         if self.anchor not in ANCHORS:
@@ -78,13 +90,11 @@ class AdaptWeighter(Weighter):
         self.scores: np.ndarray | None = None  # (N,) similarity of each train row to the anchors
 
     def needs(self) -> list[SignalNeed]:
-        """Embeddings of the train rows and of the anchor (target) set; computed offline."""
-        return [SignalNeed("embed", "train", refresh=False), SignalNeed("embed", "target", refresh=False)]
+        """Embeddings of the train rows and of the anchor (target) set; refreshed when refresh.max_staleness is set."""
+        return [SignalNeed("embed", "train"), SignalNeed("embed", "target")]
 
     def update(self, ctx) -> None:
-        """Score every train row; the signals do not change during the run, so this is done once."""
-        if self.scores is not None and len(self.scores) == ctx.num_rows:
-            return
+        """Score every train row against the anchors, from the embeddings as they are at this decision."""
         train = np.asarray(ctx.signals.get("embed", "train"))
         target = np.asarray(ctx.signals.get("embed", "target"))
         if len(train) != ctx.num_rows:
@@ -94,7 +104,8 @@ class AdaptWeighter(Weighter):
         ctx.log.update({"adapt/score_mean": float(self.scores.mean()), "adapt/score_std": float(self.scores.std())})
 
     def weights(self, losses, rows, domains, step: int) -> np.ndarray:
-        """sigmoid(score / tau) of each row, divided by the batch mean (all ones before the first update)."""
+        """min(sigmoid(score / tau), clip) of each row, divided by the batch mean unless scale is absolute
+        (all ones before the first update)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if self.scores is None or rows.size == 0:
             return np.ones(rows.size)
@@ -102,7 +113,9 @@ class AdaptWeighter(Weighter):
             raise FlexfeedError(f"row {int(rows.max())} is outside the {len(self.scores)} scored train rows",
                                 "the batch must come from the train split the embeddings were computed on")
         w = sigmoid(self.scores[rows] / self.params.tau)
-        return w / w.mean()
+        if self.params.clip is not None:
+            w = np.minimum(w, self.params.clip)
+        return w if self.params.scale == "absolute" else w / w.mean()
 
     def state_dict(self) -> dict:
         return {"scores": None if self.scores is None else self.scores.copy()}
