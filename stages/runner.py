@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from stages.args import RunnerArgs
 from stages.base import Stage
+from store.claims import ClaimedShards, ShardClaims
 from store.errors import DamagedFile, FlexfeedError, StoreError
 from store.hashing import stable_hash
 from store.store import Store
@@ -68,16 +69,19 @@ class RunResult:
     """What was done, when it is not shards of rows (an index built or reused)."""
     damaged: list[int] = field(default_factory=list)
     """Committed shards whose data failed its checksum: recomputed, never counted as reused."""
+    elsewhere: list[int] = field(default_factory=list)
+    """Shards this run had to compute that another job on the same store computed meanwhile (it claimed them)."""
 
     def summary(self) -> str:
         if self.note:
             return f"{self.signal}: {self.note}"
-        if not self.computed:
+        if not self.computed and not self.elsewhere:
             return f"{self.signal}: all {self.skipped} shards reused from the store, nothing recomputed"
         damaged = (f" ({len(self.damaged)} of them committed but damaged: {_ids(self.damaged)})"
                    if self.damaged else "")
+        elsewhere = f", {len(self.elsewhere)} computed by another job meanwhile" if self.elsewhere else ""
         return (f"{self.signal}: computed {len(self.computed)} shards ({self.rows} rows) in {self.seconds:.1f} s"
-                f"{damaged}, reused {self.skipped}")
+                f"{damaged}{elsewhere}, reused {self.skipped}")
 
 
 def _ids(shards: list[int]) -> str:
@@ -155,18 +159,33 @@ def run_stage(stage: Stage, data, store: Store, runner: RunnerArgs | None = None
 
 
 def _compute(stage, data, store, sig, todo, step, model, runner, result, bar) -> None:
-    """Compute and commit the shards of ``todo``, in this process or as Dask tasks, counting into ``result``."""
-    if runner.scheduler == INLINE:
-        for shard in todo:
-            start, stop = sig.shard_range(shard)
-            _, n, _ = compute_and_commit(stage, str(store.root), sig.key, shard, data.rows(start, stop), step,
-                                         model, runner.threads_per_worker)
-            result.computed.append(shard)
-            result.rows += n
-            bar.update(1)
-            bar.set_postfix(rows=result.rows)
-    else:
-        _run_dask(stage, data, store, sig, todo, step, model, runner, result, bar)
+    """Compute and commit the shards of ``todo``, in this process or as Dask tasks, counting into ``result``.
+
+    Each shard is claimed before it is computed (store.claims): a shard another job on the same store is
+    computing is skipped, then waited for at the end (or taken over if that job died), never computed twice.
+    """
+    claims = ShardClaims(sig)
+    queue = ClaimedShards(sig, todo, claims)
+    try:
+        if runner.scheduler == INLINE:
+            while (shard := queue.take()) is not None:
+                start, stop = sig.shard_range(shard)
+                _, n, _ = compute_and_commit(stage, str(store.root), sig.key, shard, data.rows(start, stop), step,
+                                             model, runner.threads_per_worker)
+                queue.finish(shard)
+                _count(result, bar, shard, n)
+        else:
+            _run_dask(stage, data, store, sig, queue, step, model, runner, result, bar)
+    finally:
+        claims.close()
+        result.elsewhere = sorted(queue.elsewhere)
+
+
+def _count(result: RunResult, bar, shard: int, rows: int) -> None:
+    result.computed.append(shard)
+    result.rows += rows
+    bar.update(1)
+    bar.set_postfix(rows=result.rows)
 
 
 def _progress(total: int, name: str, enabled: bool):
@@ -193,32 +212,43 @@ def open_client(runner: RunnerArgs):
     return Client(cluster), cluster
 
 
-def _run_dask(stage, data, store, sig, todo, step, model, runner, result, bar) -> None:
+def _run_dask(stage, data, store, sig, queue, step, model, runner, result, bar) -> None:
     from distributed import as_completed
 
     client, cluster = open_client(runner)
     try:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})) or default_workers(runner))
         in_flight = runner.max_in_flight or 2 * n_workers
-        pending = list(todo)
+        futures = as_completed()
+        running = 0
 
-        def submit(shard):
-            start, stop = sig.shard_range(shard)
-            return client.submit(compute_and_commit, stage, str(store.root), sig.key, shard, data.rows(start, stop),
-                                 step, model, runner.threads_per_worker, retries=runner.retries, pure=False,
-                                 key=f"{sig.name}-{sig.key}-{shard}-{time.time_ns()}")
+        def top_up(block: bool) -> None:
+            # bounded submission keeps the driver's memory flat whatever the dataset size; shards other jobs
+            # hold are waited for (block) only once nothing of ours is left in flight
+            nonlocal running
+            while running < in_flight:
+                shard = queue.take(block=block and running == 0)
+                if shard is None:
+                    return
+                start, stop = sig.shard_range(shard)
+                futures.add(client.submit(
+                    compute_and_commit, stage, str(store.root), sig.key, shard, data.rows(start, stop), step, model,
+                    runner.threads_per_worker, retries=runner.retries, pure=False,
+                    key=f"{sig.name}-{sig.key}-{shard}-{time.time_ns()}"))
+                running += 1
 
-        # bounded submission keeps the driver's memory flat whatever the dataset size
-        queue = as_completed([submit(pending.pop(0)) for _ in range(min(in_flight, len(pending)))])
-        for fut in queue:
-            shard, n, _ = fut.result()
-            result.computed.append(shard)
-            result.rows += n
-            bar.update(1)
-            bar.set_postfix(rows=result.rows)
-            fut.release()
-            if pending:
-                queue.add(submit(pending.pop(0)))
+        top_up(block=False)
+        while True:
+            for fut in futures:
+                shard, n, _ = fut.result()
+                running -= 1
+                queue.finish(shard)
+                _count(result, bar, shard, n)
+                fut.release()
+                top_up(block=False)
+            top_up(block=True)
+            if running == 0:
+                break
     finally:
         client.close()
         if cluster is not None:

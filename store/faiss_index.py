@@ -68,11 +68,13 @@ def ivf_nlist(num_rows: int) -> int:
 class SignalIndex:
     """A built index with its row ids; search returns (scores, row_ids)."""
 
-    def __init__(self, index, kind: str, num_rows: int, dim: int):
+    def __init__(self, index, kind: str, num_rows: int, dim: int, built: bool = True):
         self.index = index
         self.kind = kind
         self.num_rows = num_rows
         self.dim = dim
+        self.built = built
+        """False when build_index found the index another job built while it waited for the lock."""
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
@@ -94,6 +96,12 @@ def build_index(sig: Signal, flat_max_rows: int = FLAT_MAX_ROWS, use_gpu: bool |
         raise StoreError(f"signal {sig.name!r} is one-dimensional", "index an embedding or gradient signal")
     # one builder at a time; gc leaves the index alone while this is held
     with FileLock(sig.dir / LOCKS_DIR / INDEX_LOCK, timeout_s=600, what=f"index of {sig.name!r}"):
+        meta = _read_meta(sig.dir / INDEX_DIR)
+        if index_status(sig) == "fresh" and meta.get("flat_max_rows") == flat_max_rows:
+            # built by another job (a second `stage all` on this store) while this one waited for the lock
+            found = load_index(sig, rebuild=False, use_gpu=use_gpu)
+            found.built = False
+            return found
         index, kind, n = _build(sig, flat_max_rows)
     use_gpu = gpu_available() if use_gpu is None else use_gpu
     return SignalIndex(_to_gpu(index) if use_gpu else index, kind, n, sig.dim)

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .atomic import is_temp_debris
+from .claims import claim_lock_path, is_stale, read_claim
 from .errors import LockBusy, StoreError
 from .faiss_index import index_status
 from .hashing import checksum_array, fast_checksum
 from .integrity import mismatch
 from .layout import (
+    CLAIMS_DIR,
     COMMITS_DIR,
     DATA_ARRAY,
     INDEX_DIR,
@@ -205,6 +207,8 @@ def _guarding_lock(store: Store, path: Path) -> Path | None:
     sdir = store.root / SIGNALS_DIR / rel[1]
     if len(rel) == 3:
         return store.root / LOCKS_DIR / f"create-{rel[1]}.lock"
+    if rel[2] == CLAIMS_DIR:  # a claim's heartbeat is rewritten under the claim's lock
+        return sdir / LOCKS_DIR / f"claim-{rel[3].lstrip('.').split('.')[0]}.lock"
     if rel[2] == COMMITS_DIR:
         return sdir / LOCKS_DIR / f"{rel[3].lstrip('.').split('.')[0]}.lock"
     if rel[2] == DATA_ARRAY and len(rel) > 5 and rel[3] == "c" and rel[4].isdigit():
@@ -262,6 +266,18 @@ def _readable_signals(store: Store) -> list:
     return out
 
 
+def _drop_stale_claims(sig, report: GcReport) -> None:
+    """Claims of jobs that died (no heartbeat, or a dead process of this host): debris like a temp file."""
+    for path in sorted((sig.dir / CLAIMS_DIR).glob("*.json")):
+        shard = path.stem
+        if not shard.isdigit():
+            continue
+        with _hold(claim_lock_path(sig, int(shard))) as held:
+            claim = read_claim(path) if held else None
+            if claim is not None and is_stale(claim):
+                _remove(path, report)
+
+
 def gc(store: Store) -> GcReport:
     """Remove what no commit record points at: temp files, uncommitted slots, orphan signals, stale indexes."""
     report = GcReport()
@@ -293,6 +309,7 @@ def gc(store: Store) -> GcReport:
                     chunk = sig.chunk_path(shard, slot)
                     if chunk.exists():
                         _remove(chunk, report)
+        _drop_stale_claims(sig, report)
         if not (sig.dir / INDEX_DIR).exists():
             continue  # no index to judge
         with _hold(sig.dir / LOCKS_DIR / INDEX_LOCK) as held:

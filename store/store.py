@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import StoreError
 from .hashing import canonical_json, stable_hash
 from .layout import (
+    CLAIMS_DIR,
     DATA_ARRAY,
     DTYPES,
     LOCKS_DIR,
@@ -193,7 +194,8 @@ class Store:
         """
         try:
             with FileLock(self.root / LOCKS_DIR / f"create-{sig.key}.lock", timeout_s=0, note_pid=False):
-                if sig.record_files() or any(is_locked(sig.lock_path(s)) for s in range(sig.num_shards)):
+                if (sig.record_files() or any((sig.dir / CLAIMS_DIR).glob("*.json"))  # another job computes it
+                        or any(is_locked(sig.lock_path(s)) for s in range(sig.num_shards))):
                     return False
                 (sig.dir / SIGNAL_META).unlink()  # invisible first: a signal folder without a header is debris
                 shutil.rmtree(sig.dir, ignore_errors=True)
