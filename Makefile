@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(BIN)/python -m demo
 
 bench: $(STAMP)
-	for b in bench/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/_suite.py
 
 # flexfeed against DataFlex 1.1.0 on DataFlex's less example; DataFlex is installed once into its own venv
 # (bench_out/peer/venv), never into $(VENV). Not part of `bench`. PEER_ARGS: options of bench/peer/run.py.

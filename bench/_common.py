@@ -87,3 +87,32 @@ def peak_rss_mb() -> float:
 def emit(summary: dict) -> None:
     """The bench's last line: one JSON object."""
     print(json.dumps(summary), flush=True)
+
+
+def exit_on_misses(summary: dict, targets: dict) -> None:
+    """Exit 1, naming each figure of `summary` that misses its target in bench/_targets.py."""
+    from _targets import misses
+
+    missed = misses(summary, targets)
+    for line in missed:
+        print(f"missed target: {line}", file=sys.stderr, flush=True)
+    if missed:
+        sys.exit(1)
+
+
+def status_mb(field: str) -> float:
+    """A field of /proc/self/status (VmRSS: resident now; VmHWM: the peak since start or the last reset), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's high-water mark (VmHWM) at the current RSS; False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False

@@ -1,18 +1,22 @@
-"""Gradient features: this stage vs a LESS-style batch-size-1 baseline vs a plain batched backward.
+"""Gradient features: this stage vs LESS-style batch-size-1 baselines vs a plain batched backward.
 
-Three paths over the same rows of a random-initialised Llama (hidden 256, 4 layers, vocab 2048,
+Four paths over the same rows of a random-initialised Llama (hidden 256, 4 layers, vocab 2048,
 LoRA r=8 on every linear layer but the head), each in its own process so peak RSS is its own:
 
-- stage:    flexfeed's compute_features (one batched backward per 16 rows, per-weight hooks,
-            per-weight Kronecker projection to proj_dim), L2-normalised.
-- baseline: what LESS does with TRAK's BasicProjector: one forward+backward per row, flatten the
-            LoRA gradient, every 16 rows cast to float16 and project with a dense Rademacher
-            matrix regenerated block by block (128 columns) on every call.
-- floor:    a plain batched forward+backward of the same per-sample losses, no per-sample work.
+- stage:          flexfeed's compute_features (one batched backward per 16 rows, per-weight hooks,
+                  per-weight Kronecker projection to proj_dim), L2-normalised.
+- baseline_fp32:  what LESS does with TRAK's BasicProjector, in the model's dtype (float32 here, as
+                  LESS hands it): one forward+backward per row, flatten the LoRA gradient, every 16
+                  rows project with a dense Rademacher matrix regenerated block by block (128 columns)
+                  on every call. The strongest fair version of what a LESS user runs on this machine.
+- baseline_fp16:  the same with the projection in float16: DataFlex's case (its projector casts to
+                  float16), slow on a CPU.
+- floor:          a plain batched forward+backward of the same per-sample losses, no per-sample work.
 
-The baseline is slow, so it runs on a subset of rows (spread over the length range) and its time
-is scaled per row; the JSON says so. Stage and floor keep the fastest of ``--repeats`` passes (the
-machine is shared). The last line printed is the JSON summary.
+The baselines are slow, so they run on a subset of rows (spread over the length range, after one
+untimed warm-up row) and their time is scaled per row; the JSON says so. Every path keeps the fastest
+of ``--repeats`` passes (the machine is shared). Targets: bench/_targets.py (GRADS); the last line
+printed is the JSON summary, and the exit status is 1 when a figure misses its target.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import exit_on_misses  # noqa: E402
+from _targets import GRADS  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, RANK = 2048, 256, 4, 512, 8
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,30 +123,39 @@ def run_stage(rows, args, check_rows) -> dict:
     return {"seconds": min(times), "all_s": times, "rows": len(rows), "finite": bool(torch.isfinite(feats).all())}, flat
 
 
-def run_baseline(rows, args, check_rows) -> dict:
+def run_baseline(rows, args, check_rows, dtype: torch.dtype) -> dict:
     model = build_model()
     params = [p for p in model.parameters() if p.requires_grad]
     grad_dim = sum(p.numel() for p in params)
-    subset = baseline_subset(rows, args.baseline_rows)
-    start = time.perf_counter()
-    projector = BlockDenseProjector(grad_dim, args.proj_dim)
-    pending, out, kept = [], [], {}
-    for i in subset:
+    subset = baseline_subset(rows, args.baseline_rows + 1)
+    warm, subset = subset[0], subset[1:]
+    projector = BlockDenseProjector(grad_dim, args.proj_dim, dtype=dtype)
+
+    def gradient(i: int) -> torch.Tensor:
         ids = torch.tensor([rows[i]])
         model(input_ids=ids, labels=ids).loss.backward()
         vec = torch.cat([p.grad.reshape(-1) for p in params])
-        if i in check_rows:
-            kept[i] = vec.clone()
-        pending.append(vec)
         model.zero_grad(set_to_none=True)
-        if len(pending) == LESS_PROJECT_EVERY:
+        return vec
+
+    projector.project(gradient(warm)[None])  # untimed: first-call costs of autograd and the projector
+    times, kept = [], {}
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        pending, out = [], []
+        for i in subset:
+            vec = gradient(i)
+            if i in check_rows:
+                kept[i] = vec.clone()
+            pending.append(vec)
+            if len(pending) == LESS_PROJECT_EVERY:
+                out.append(projector.project(torch.stack(pending)))
+                pending = []
+        if pending:
             out.append(projector.project(torch.stack(pending)))
-            pending = []
-    if pending:
-        out.append(projector.project(torch.stack(pending)))
-    seconds = time.perf_counter() - start
-    flat = torch.stack([kept[i] for i in check_rows])
-    return {"seconds": seconds, "rows": len(subset), "grad_dim": grad_dim}, flat
+        times.append(time.perf_counter() - start)
+    flat = torch.stack([kept[i] for i in check_rows if i in kept])
+    return {"seconds": min(times), "all_s": times, "rows": len(subset), "grad_dim": grad_dim}, flat
 
 
 def run_floor(rows, args, check_rows) -> dict:
@@ -163,9 +178,11 @@ def run_floor(rows, args, check_rows) -> dict:
 def child(args) -> None:
     torch.set_num_threads(1)
     rows = make_rows(args.rows)
-    check_rows = baseline_subset(rows, args.baseline_rows)[: args.check_rows]
-    result, flat = {"stage": run_stage, "baseline": run_baseline, "floor": run_floor}[args.path](
-        rows, args, check_rows)
+    check_rows = baseline_subset(rows, args.baseline_rows + 1)[1: args.check_rows + 1]
+    paths = {"stage": run_stage, "floor": run_floor,
+             "baseline_fp32": lambda *a: run_baseline(*a, torch.float32),
+             "baseline_fp16": lambda *a: run_baseline(*a, torch.float16)}
+    result, flat = paths[args.path](rows, args, check_rows)
     result["peak_rss_mb"] = peak_rss_mb()
     if flat is not None:
         torch.save(flat, args.out + ".pt")
@@ -182,10 +199,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--proj-dim", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--baseline-rows", type=int, default=16, help="rows the baseline is timed on")
+    parser.add_argument("--baseline-rows", type=int, default=32, help="rows the baselines are timed on")
     parser.add_argument("--check-rows", type=int, default=8, help="rows whose raw gradients are compared")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes of stage and floor (min is kept)")
-    parser.add_argument("--path", choices=["stage", "baseline", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes of every path (min is kept)")
+    parser.add_argument("--path", choices=["stage", "baseline_fp32", "baseline_fp16", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.path:
@@ -197,7 +214,7 @@ def main() -> None:
     print(f"rows: {args.rows} of 32..128 tokens, proj_dim {args.proj_dim}, stage batch {args.batch_size}")
     results, flats = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for path in ("floor", "stage", "baseline"):
+        for path in ("floor", "stage", "baseline_fp32", "baseline_fp16"):
             out = os.path.join(tmp, path + ".json")
             cmd = [sys.executable, __file__, "--path", path, "--out", out, "--rows", str(args.rows),
                    "--proj-dim", str(args.proj_dim), "--batch-size", str(args.batch_size),
@@ -212,28 +229,31 @@ def main() -> None:
             print(f"{path:>8}: {r['seconds']:8.2f} s for {r['rows']:4d} rows = {1000 * r['seconds'] / r['rows']:8.2f}"
                   f" ms/row, peak RSS {r['peak_rss_mb']:7.1f} MB{passes}")
     per_row = {p: r["seconds"] / r["rows"] for p, r in results.items()}
-    baseline_scaled = per_row["baseline"] * args.rows
-    print(f"baseline scaled to {args.rows} rows: {baseline_scaled:.1f} s "
-          f"(timed on {results['baseline']['rows']} rows spread over the length range)")
-    print(f"LoRA parameters: {results['baseline']['grad_dim']}")
+    for path in ("baseline_fp32", "baseline_fp16"):
+        print(f"{path} scaled to {args.rows} rows: {per_row[path] * args.rows:.1f} s "
+              f"(timed on {results[path]['rows']} rows spread over the length range)")
+    print(f"LoRA parameters: {results['baseline_fp32']['grad_dim']}")
     summary = {
         "bench": "grads",
-        "speedup": round(per_row["baseline"] / per_row["stage"], 2),
+        "speedup_vs_less_fp32": round(per_row["baseline_fp32"] / per_row["stage"], 2),
+        "speedup_vs_dataflex_fp16": round(per_row["baseline_fp16"] / per_row["stage"], 2),
         "floor_ratio": round(per_row["stage"] / per_row["floor"], 3),
         "peak_rss_mb": round(results["stage"]["peak_rss_mb"], 1),
-        "baseline_rss_mb": round(results["baseline"]["peak_rss_mb"], 1),
-        "max_rel_err": float(f"{max_rel_err(flats['stage'], flats['baseline']):.3e}"),
+        "baseline_rss_mb": round(results["baseline_fp32"]["peak_rss_mb"], 1),
+        "max_rel_err": float(f"{max_rel_err(flats['stage'], flats['baseline_fp32']):.3e}"),
         "proj_dim": args.proj_dim,
         "rows": args.rows,
-        "baseline_rows_timed": results["baseline"]["rows"],
-        "baseline_scaled_per_row": results["baseline"]["rows"] != args.rows,
+        "baseline_rows_timed": results["baseline_fp32"]["rows"],
+        "baseline_scaled_per_row": True,
+        "repeats": args.repeats,
         "stage_s": round(results["stage"]["seconds"], 3),
         "floor_s": round(results["floor"]["seconds"], 3),
-        "baseline_s_scaled": round(baseline_scaled, 1),
+        "baseline_fp32_s_scaled": round(per_row["baseline_fp32"] * args.rows, 1),
+        "baseline_fp16_s_scaled": round(per_row["baseline_fp16"] * args.rows, 1),
         "torch_threads": 1,
     }
-    print(json.dumps(summary))
-
+    print(json.dumps(summary), flush=True)
+    exit_on_misses(summary, GRADS)
 
 if __name__ == "__main__":
     main()

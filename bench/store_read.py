@@ -32,6 +32,9 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import exit_on_misses  # noqa: E402
+from _targets import STORE_READ  # noqa: E402
+
 from store.store import Store  # noqa: E402
 
 RSS_ALLOWANCE_MB = 16.0
@@ -166,14 +169,16 @@ def main() -> None:
           f"(+{grow:.1f}); limit baseline + 2 x {shard_mb:.1f} MiB shard + {RSS_ALLOWANCE_MB:.0f} MiB = {limit:.1f}")
     # the ratio that counts is the worse of the two access patterns
     kind = min(("stream", "whole"), key=lambda k: speed[f"store_{k}"] / speed[f"raw_{k}"])
-    print(json.dumps({
+    summary = {
         "bench": "store_read", "ratio": round(speed[f"store_{kind}"] / speed[f"raw_{kind}"], 3),
         "ratio_stream": round(speed["store_stream"] / speed["raw_stream"], 3),
         "ratio_whole": round(speed["store_whole"] / speed["raw_whole"], 3),
         "store_mb_s": round(speed[f"store_{kind}"], 1), "raw_mb_s": round(speed[f"raw_{kind}"], 1),
         "peak_rss_mb": round(rss["peak_mb"], 1), "baseline_rss_mb": round(rss["baseline_mb"], 1),
         "shard_mb": round(shard_mb, 2), "rss_limit_mb": round(limit, 1), "rss_ok": rss["peak_mb"] <= limit,
-    }))
+    }
+    print(json.dumps(summary), flush=True)
+    exit_on_misses(summary, STORE_READ)
 
 
 if __name__ == "__main__":
