@@ -164,13 +164,15 @@ def store_repair(path):
 
 @store.command("gc")
 @click.argument("path")
+@click.option("--finished-runs", is_flag=True,
+              help="Also drop the refreshed signal copies of training runs that finished (not of killed runs).")
 @one_line_errors
-def store_gc(path):
+def store_gc(path, finished_runs):
     """Remove uncommitted debris (interrupted writes, orphan signals, stale indexes); works on a full disk."""
     from store.maintenance import gc, human_bytes
     from store.store import Store
 
-    report = gc(Store.open(path))
+    report = gc(Store.open(path), drop_finished_runs=finished_runs)
     click.echo(f"removed {len(report.removed)} items, freed {human_bytes(report.bytes_freed)}")
 
 

@@ -8,12 +8,15 @@ has: the unwrapped model, the optimizer (Adam moments, learning rate), the ranks
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 
 import numpy as np
 import torch.distributed as dist
+from transformers import TrainerCallback
 
 from store.errors import FlexfeedError
+from store.runs import mark_finished, mark_running
 
 from .config import RunConfig
 from .live_state import live_adam_state, live_lr
@@ -56,6 +59,11 @@ class DecisionContexts:
         """The Trainer (model, optimizer, ranks) and the scheduler (whose checkpointed run id keys refreshes)."""
         self.trainer = trainer
         self.scheduler = scheduler
+        if any(r.live for r in self.routes.values()):
+            trainer.add_callback(RunCopyMarks(self))
+
+    def stores(self) -> list:
+        return [s for s in (self.p.train_store, self.p.target_store) if s is not None]
 
     def __call__(self, step: int, window: int) -> DecisionContext:
         if self.trainer is None:
@@ -81,6 +89,25 @@ class DecisionContexts:
                          rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
                          gather_params=zero3_gather(trainer), run_id=self.scheduler.run_id,
                          live_state=live_state_of(trainer, model))
+
+
+class RunCopyMarks(TrainerCallback):
+    """Marks the run's copies in its stores as in use while it trains and finished when training ends, so that
+    `flexfeed store gc --finished-runs` can drop them (store/runs.py); a killed run leaves them marked in use."""
+
+    def __init__(self, contexts: DecisionContexts):
+        self.contexts = contexts
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # the run id is the checkpoint's by now, when resumed
+            for store in self.contexts.stores():
+                mark_running(store, self.contexts.scheduler.run_id)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            for store in self.contexts.stores():
+                mark_finished(store, self.contexts.scheduler.run_id, output_dir=str(args.output_dir),
+                              steps=state.global_step, finished_at=time.time())
 
 
 def live_state_of(trainer, model):

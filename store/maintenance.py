@@ -28,8 +28,9 @@ from .layout import (
     STORE_META,
     shard_file,
 )
-from .locks import FileLock
+from .locks import FileLock, is_locked
 from .manifest import StoreMeta
+from .runs import finished_runs, forget_run, run_of
 from .store import Store
 
 
@@ -278,9 +279,30 @@ def _drop_stale_claims(sig, report: GcReport) -> None:
                 _remove(path, report)
 
 
-def gc(store: Store) -> GcReport:
-    """Remove what no commit record points at: temp files, uncommitted slots, orphan signals, stale indexes."""
+def _drop_finished_runs(store: Store, report: GcReport) -> None:
+    """The run copies of runs marked finished (store/runs.py), each whole, unless a writer holds one of its locks."""
+    finished = finished_runs(store)
+    left = set()
+    for sig in _readable_signals(store):
+        run = run_of(sig)
+        if run not in finished:
+            continue
+        with _hold(store.root / LOCKS_DIR / f"create-{sig.key}.lock") as held:
+            if held and not any(is_locked(sig.lock_path(s)) for s in range(sig.num_shards)):
+                (sig.dir / SIGNAL_META).unlink()  # invisible first, as a signal being created
+                _remove(sig.dir, report)
+            else:
+                left.add(run)
+    for run in finished - left:
+        forget_run(store, run)
+
+
+def gc(store: Store, *, drop_finished_runs: bool = False) -> GcReport:
+    """Remove what no commit record points at: temp files, uncommitted slots, orphan signals, stale indexes;
+    with ``drop_finished_runs``, also the run copies of training runs that finished (see store/runs.py)."""
     report = GcReport()
+    if drop_finished_runs:
+        _drop_finished_runs(store, report)
     for dirpath, dirnames, files in os.walk(store.root):
         if Path(dirpath) == store.root and QUARANTINE_DIR in dirnames:
             dirnames.remove(QUARANTINE_DIR)  # what repair set aside is kept as it was
