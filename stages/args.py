@@ -176,7 +176,7 @@ class GradsArgs:
     proj_type: Literal["rademacher", "gaussian"] = "rademacher"
     """`rademacher` or `gaussian`."""
     proj_structure: Literal["kronecker", "sparse"] = "kronecker"
-    """`kronecker` (per-weight P_a^T G P_c, LoGra-style, smallest memory) or `sparse` (count sketch, dense-projection accuracy, memory O(LoRA params))."""
+    """`kronecker` (per-weight P_a^T G P_c: a LoRA factor's rank side kept whole, the other side hashed; a dense projection's accuracy, memory O(rows + columns)) or `sparse` (count sketch, a dense projection's accuracy, memory O(LoRA params)); see docs/grads.md."""
     seed: int = 0
     """Projection seed: same seed, same features on any machine."""
     grad_type: Literal["adam", "sgd"] = "adam"

@@ -13,6 +13,7 @@ from stages.batching import length_sorted_batches, pad_batch
 from stages.grads.checkpoint import checkpoint_identity, checkpoint_lr, checkpoint_step
 from stages.grads.features import build_projector, compute_features
 from stages.grads.precondition import AdamPreconditioner, load_adam_state
+from stages.grads.projection import projection_spec
 from stages.models import (
     load_model,
     load_tokenizer,
@@ -70,8 +71,8 @@ class GradsStage(Stage):
             self._spec = {
                 "kind": "grads", "model": model_identity(self.model_args), "checkpoint": ckpt,
                 "lr": ckpt["lr"] if ckpt else None, "grad_type": self.args.grad_type,
-                "proj_dim": self.args.proj_dim, "proj_type": self.args.proj_type,
-                "proj_structure": self.args.proj_structure, "seed": self.args.seed,
+                # the projection's settings and its structure's version: other numbers, another key
+                **projection_spec(self.args.proj_dim, self.args.proj_type, self.args.seed, self.args.proj_structure),
                 "normalize": self.args.normalize, "loss": "token_mean", "code_version": self.code_version,
             }
             if self.live and adam:
