@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.stage_job import run_stage_job
+from pipeline.state_io import load_state
 from tests.helpers.run_fixtures import make_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,14 +41,35 @@ def _run(cmd, timeout=300):
     return proc
 
 
+def _history(out: Path) -> tuple[list[float], list, dict]:
+    """(logged training losses, each decision's per-domain counts, the plans) of a finished run."""
+    run = json.loads((out / "flexfeed_run.json").read_text())
+    decisions = [json.loads(x) for x in (out / "flexfeed_decisions.jsonl").read_text().splitlines()]
+    plans = {w: p.tolist() for w, p in load_state(out)["plans"].items()}  # arrays beside the JSON
+    return [h["loss"] for h in run["log_history"] if "loss" in h], [d["per_domain"] for d in decisions], plans
+
+
 def test_zero2_single_process(ds_cfg, tmp_path):
+    """ZeRO-2 in one process trains what a plain run trains: the same plans (decisions on refreshed
+    losses), the same logged losses to float32 round-off, and a DeepSpeed checkpoint with flexfeed's state."""
+    import numpy as np
+
+    from pipeline.train import train
+
+    common = ["train_type=select", "component=loss", "warmup_step=4", "update_step=4", "refresh.max_staleness=2"]
     out = tmp_path / "z2"
     _run([sys.executable, "-m", "pipeline.cli", "train", str(ds_cfg), f"deepspeed={DS_Z2}", f"output_dir={out}",
-          "train_type=select", "component=loss", "warmup_step=4", "update_step=4", "refresh.max_staleness=2"])
+          *common])
     assert (out / "checkpoint-6" / "global_step6").is_dir()  # a DeepSpeed checkpoint
     assert (out / "checkpoint-6" / "flexfeed_state.json").is_file()
     run = json.loads((out / "flexfeed_run.json").read_text())
-    assert run["steps"] == 12 and run["train_loss"] > 0
+    assert run["steps"] == 12
+    train(load_config(ds_cfg, [f"output_dir={tmp_path / 'plain'}", *common]))
+    z2_losses, z2_decisions, z2_plans = _history(out)
+    plain_losses, plain_decisions, plain_plans = _history(tmp_path / "plain")
+    assert len(z2_losses) == len(plain_losses) == 6
+    np.testing.assert_allclose(z2_losses, plain_losses, rtol=1e-4)
+    assert z2_decisions == plain_decisions and z2_plans == plain_plans
 
 
 @pytest.mark.parametrize("overrides", [

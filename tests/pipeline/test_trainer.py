@@ -12,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.prepared import prepare
 from pipeline.signal_stages import stages_for
 from pipeline.stage_job import run_stage_job
+from pipeline.state_io import load_state
 from pipeline.train import train
 
 
@@ -56,18 +57,38 @@ def test_each_selector_trains_end_to_end(run_cfg, tmp_path, component, seen_rows
         assert sum(d["per_domain"].values()) == 16
     # the batches trained on are exactly the plans, in order
     stream = [r for batch in seen_rows for r in batch]
-    state = json.loads((tmp_path / "flexfeed_state.json").read_text())
-    assert len(stream) == 48 and len(state["plans"]) == 3
+    state = load_state(tmp_path)  # the plans are arrays beside the JSON
+    plans = [state["plans"][str(w)].tolist() for w in range(3)]
+    assert [len(p) for p in plans] == [16, 16, 16] and len(state["plans"]) == 3
+    assert stream == [r for p in plans for r in p]
 
 
-def test_near_selects_the_target_domain(run_cfg, tmp_path):
-    path, _ = run_cfg
-    cfg = load_config(path, [f"output_dir={tmp_path}", "train_type=select", "component=near",
-                             "warmup_step=4", "update_step=4"])
+def test_near_selects_the_targets_nearest_rows(tiny_checkpoint, tmp_path):
+    """The target set is 16 exact copies of train rows (8 per domain): each target's nearest train row
+    (cosine 1) is its copy, so a decision for 16 rows takes exactly those 16, whatever the model.
+
+    Under random selection the chance that 16 of the 64 train rows are exactly those is 1 / C(64, 16) =
+    1 / 4.9e14 ~ 2e-15 (< 1e-6); even containing them all is that. One decision, with allow_repeats pinned
+    true, so the rows served in warm-up do not enter (the rule for consume_once is tested elsewhere).
+    """
+    from tests.helpers.run_fixtures import make_run_dir
+
+    path = make_run_dir(tmp_path / "run", tiny_checkpoint)
+    data = tmp_path / "run" / "data"
+    a, b = (json.loads((data / f"{n}.json").read_text()) for n in "ab")
+    copies = [a[i] for i in range(2, 40, 5)] + [b[i] for i in range(1, 24, 3)]
+    (data / "t.json").write_text(json.dumps(copies))
+    cfg = load_config(path, [f"output_dir={tmp_path / 'out'}", "train_type=select", "component=near",
+                             "warmup_step=4", "update_step=4", "max_steps=8", "allow_repeats=true"])
+    run_stage_job(cfg, "all", progress=False)
+    # the copies' row ids, found by their tokens (not by embeddings)
+    p = prepare(cfg)
+    train_rows = p.train.rows(0, len(p.train))["input_ids"]
+    target_rows = p.target.rows(0, len(p.target))["input_ids"]
+    expected = sorted(train_rows.index(t) for t in target_rows)
+    assert len(set(expected)) == 16
     train(cfg)
-    decisions = [json.loads(x) for x in (tmp_path / "flexfeed_decisions.jsonl").read_text().splitlines()]
-    chosen = decisions[1]["per_domain"]
-    assert chosen["a"] > chosen["b"]
+    assert sorted(load_state(tmp_path / "out")["plans"]["1"].tolist()) == expected
 
 
 class StopAt(TrainerCallback):
