@@ -132,6 +132,12 @@ def timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> float:
     return seconds
 
 
+def train_runtime(log: Path) -> float | None:
+    """The Trainer's own `train_runtime` in a run's log (the wall time less process start, load and save)."""
+    found = re.findall(r"'train_runtime': '?([0-9.]+)", log.read_text(errors="replace"))
+    return float(found[-1]) if found else None
+
+
 def per_domain(indices: list[int], sizes: list[tuple[str, int]]) -> dict[str, int]:
     """Rows per domain of indices into the concatenation of the domains in order."""
     counts, start = {}, 0
@@ -170,7 +176,7 @@ def main() -> None:
                         help="folder with the torchaudio stand-in, put on DataFlex's PYTHONPATH")
     parser.add_argument("--work", type=Path, default=ROOT / "bench_out" / "peer" / "work")
     parser.add_argument("--rows-per-domain", type=int, default=128, help="train rows per domain (two domains)")
-    parser.add_argument("--target-rows", type=int, default=64)
+    parser.add_argument("--target-rows", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4, help="per_device_train_batch_size, both sides")
     parser.add_argument("--cutoff-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=12, help="warmup 4 + 2 decisions x 4 steps")
@@ -258,6 +264,7 @@ def main() -> None:
         "bench": "peer_dataflex",
         "dataflex_version": "1.1.0",
         **{f"{k}_s": round(v, 2) for k, v in times.items()},
+        "train_runtime_s": {k: train_runtime(logs / f"{k}.log") for k in times},
         "speedup": round(speedup, 2),
         "static_speedup": round(static_speedup, 3),
         "speedup_warm": round(speedup_warm, 2),
