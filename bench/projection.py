@@ -10,8 +10,10 @@ expectation of the dense one, sqrt(2/pi) (1 - c^2) / sqrt(k) per pair, is printe
 check of the sampled reference.
 
 Time: the stage's compute_features per row (batched backward + projection, L2-normalised) at 8192 for
-each structure, passes alternated and the fastest kept (the machine is shared); and the projection
-alone per row (projecting the stored exact gradients), which load disturbs less.
+each structure and the grads bench's floor (a plain batched forward+backward of the same losses),
+passes alternated in this one process and the fastest kept (the machine is shared), so
+`stage_over_floor_*` is the grads bench's floor_ratio measured under the same load; and the
+projection alone per row (projecting the stored exact gradients), which load disturbs less.
 
 Target: kronecker_over_dense at 8192 <= 1.15; the bench exits 1 naming each figure that misses.
 The last line printed is the JSON summary.
@@ -108,17 +110,28 @@ def timings(model, rows, grads: dict, batch_size: int, repeats: int) -> dict:
 
     from stages.batching import length_sorted_batches, pad_batch
     from stages.grads import build_projector, compute_features
+    from stages.loss import per_sample_loss
 
     stage = {s: [] for s in STRUCTURES}
     project = {s: [] for s in STRUCTURES}
+    floor = []
     num = len(next(iter(grads.values())))
     projectors = {s: build_projector(model, 8192, structure=s) for s in STRUCTURES}
+    batches = [pad_batch([rows[i] for i in index]) for index in length_sorted_batches([len(r) for r in rows], batch_size)]
     for _ in range(repeats):
+        # the grads bench's floor (a plain batched forward+backward of the same losses), in the same
+        # process and alternated with the stage passes, so its ratio sees the same load
+        start = time.perf_counter()
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            per_sample_loss(logits, batch["labels"])[0].sum().backward()
+            model.zero_grad(set_to_none=True)
+        floor.append(1000 * (time.perf_counter() - start) / len(rows))
         for structure in STRUCTURES:  # alternated, so load drifts hit both alike
             proj = projectors[structure]
             start = time.perf_counter()
-            for index in length_sorted_batches([len(r) for r in rows], batch_size):
-                compute_features(model, pad_batch([rows[i] for i in index]), proj)
+            for batch in batches:
+                compute_features(model, batch, proj)
             stage[structure].append(1000 * (time.perf_counter() - start) / len(rows))
             start = time.perf_counter()
             for lo in range(0, num, batch_size):
@@ -126,9 +139,11 @@ def timings(model, rows, grads: dict, batch_size: int, repeats: int) -> dict:
                 for name, g in grads.items():
                     feats += proj.project(name, g[lo:lo + batch_size])
             project[structure].append(1000 * (time.perf_counter() - start) / num)
-    out = {}
+    out = {"floor_ms_per_row": round(min(floor), 2)}
+    print(f"    floor at 8192: {min(floor):.2f} ms/row (passes {', '.join(f'{t:.2f}' for t in floor)})", flush=True)
     for structure in STRUCTURES:
         out[f"stage_ms_per_row_{structure}"] = round(min(stage[structure]), 2)
+        out[f"stage_over_floor_{structure}"] = round(min(stage[structure]) / min(floor), 3)
         out[f"projection_ms_per_row_{structure}"] = round(min(project[structure]), 3)
         print(f"{structure:>9} at 8192: stage {min(stage[structure]):.2f} ms/row (passes "
               f"{', '.join(f'{t:.2f}' for t in stage[structure])}), projection alone "

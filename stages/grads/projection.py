@@ -209,6 +209,13 @@ class Projector:
             g = grads.reshape(b, -1).float()
             out = torch.zeros(b, self.proj_dim, dtype=torch.float32, device=g.device)
             return out.index_add_(1, first, g * second).mul_(1.0 / math.sqrt(self.proj_dim))
+        if first.matrix is None and second.matrix is None:
+            # both sides hashed: one scatter of the flat gradient, row i*c+j to column bucket_a[i]*k_c + bucket_c[j]
+            # (the kron layout); the index is rebuilt per call, O(weight), so memory stays O(rows + columns)
+            index = (first.bucket[:, None] * second.width + second.bucket[None, :]).reshape(-1)
+            value = (first.value[:, None] * second.value[None, :]).reshape(-1)
+            out = torch.zeros(b, self.proj_dim, dtype=torch.float32, device=grads.device)
+            return out.index_add_(1, index, grads.reshape(b, -1).float() * value)
         g = grads.reshape(b, first.size, -1).float()
         rows, cols = g.shape[1], g.shape[2]
         # contraction order by cost: shrink first, so the second side works on the smaller slab
