@@ -67,8 +67,9 @@ PLAN = ("[{family: select, component: loss, mode: filter, keep_ratio: 0.5},"
 RUNS = [
     ("static", ["train_type=static"]),
     ("select_random", ["train_type=select", "component=random"]),
-    ("select_less", ["train_type=select", "component=less", "refresh.max_staleness=25"]),
-    ("select_near", ["train_type=select", "component=near"]),
+    # LESS's recipe: the top 5% of the pool chosen once, then served in passes (each row once per pass)
+    ("select_less", ["train_type=select", "component=less", "refresh.max_staleness=25", "select_fraction=0.05"]),
+    ("select_near", ["train_type=select", "component=near", "select_fraction=0.05"]),
     ("mix_doremi", ["train_type=mix", "component=doremi", "component_args.reweight_eta=1.0"]),
     ("mix_odm", ["train_type=mix", "component=odm"]),
     ("weight_loss", ["train_type=weight", "component=loss", "component_args.strategy=linupper"]),
