@@ -13,7 +13,9 @@ initialisation, the warm-up window's rows and the random draws. The measured fig
 loss on `arithmetic_val` (rows of the target domain held out from training) at the end.
 
 Printed per method: the mean, the per-seed values, `wins` (seeds whose loss is below random's at the same
-seed) and the distinct rows each run trained on (mean over seeds). The last line is the JSON summary.
+seed) and the distinct rows each run trained on (mean over seeds). The last line is the JSON summary;
+targets (bench/_targets.py SELECTION, for the default methods and 5 seeds): less and near beat random in
+at least 4 of 5 seeds, else the exit status is 1.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import _common as common
+from _targets import SELECTION
 
 METHODS = ("random", "less", "near", "tsds")
 TARGET_VAL = "arithmetic_val"
@@ -90,10 +93,13 @@ def main() -> None:
                  "distinct_rows_mean": sum(distinct[method]) / len(distinct[method])}
         if "random" in losses and method != "random":
             entry["wins"] = sum(v < r for v, r in zip(vals, losses["random"], strict=True))
+            result[f"{method}_wins"] = entry["wins"]
         result[method] = entry
         print(f"{method}: mean {entry['mean']:.4f}  per seed {vals}" +
               (f"  wins over random {entry['wins']}/{args.seeds}" if "wins" in entry else ""), flush=True)
     common.emit(result)
+    if methods == list(METHODS) and args.seeds == 5:  # the targets are set for the default study
+        common.exit_on_misses(result, SELECTION)
 
 
 if __name__ == "__main__":
