@@ -46,7 +46,7 @@ class FlexRun:
             return []
         stages = self.scheduler.loss_stages()
         budget = self.scheduler.budget
-        if budget is not None and budget.family == "mix" and getattr(budget.strategy, "importance_weighted", False):
+        if budget is not None and budget.family == "mix" and budget.strategy.importance_weighted:
             stages = [*stages, budget]
         return stages
 

@@ -117,6 +117,12 @@ class Mixer(Strategy):
     #: a mixer acting in loss space (per-sample weights) rather than on the window's draw
     loss_space: bool = False
 
+    @property
+    def importance_weighted(self) -> bool:
+        """A mixer that draws the window and also weights each sample's loss (DoReMi's paper form):
+        the trainer then applies its `weights` as a weight stage."""
+        return False
+
     def weights(self, losses: np.ndarray, rows: np.ndarray, domains: np.ndarray, step: int) -> np.ndarray:
         """Loss-space mixers: a weight per sample of the global batch."""
         raise NotImplementedError
