@@ -211,7 +211,7 @@ def load_data(args: DataArgs, tokenizer, names: list[str] | None = None, *,
     _check_args(args, names)
     template = resolve_template(args.template, tokenizer) if args.stage == "sft" else None
     info = read_info(args.dataset_dir)
-    specs = [parse_entry(args.dataset_dir, info, name) for name in names]
+    specs = [parse_entry(args.dataset_dir, info, name, allow_outside=args.allow_outside_dataset_dir) for name in names]
     # flexfeed's default and pt rows get the tokenizer's own bos; chat and named templates write their own
     bos = bos_prefix(tokenizer) if template in (None, "default") else []
     named = named_template(template)
@@ -254,7 +254,7 @@ def row_values(args: DataArgs, column: str, names: list[str] | None = None, *,
     _check_args(args, names)
     info = read_info(args.dataset_dir)
     out: list[float] = []
-    for spec in (parse_entry(args.dataset_dir, info, name) for name in names):
+    for spec in (parse_entry(args.dataset_dir, info, name, allow_outside=args.allow_outside_dataset_dir) for name in names):
         for ref, row in _pick_rows(spec, args.max_samples, hub or HubAccess()):
             value = row.get(column) if isinstance(row, dict) else None
             if value is None:

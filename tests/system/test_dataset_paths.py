@@ -57,3 +57,20 @@ def test_stage_refuses_an_outside_entry_in_one_line_and_writes_nothing(tiny_chec
     assert "dataset 'a'" in lines[0] and "'../outside.json'" in lines[0]
     assert "allow_outside_dataset_dir: true" in lines[0]
     assert not (tmp_path / "store").exists()
+
+
+def test_the_config_key_lets_the_run_read_it(tiny_checkpoint, tmp_path):
+    from pipeline.config import load_config
+    from stages.data import load_data
+    from stages.models import load_tokenizer
+
+    cfg_path = make_run_dir(tmp_path, tiny_checkpoint)
+    rows = json.loads((tmp_path / "data" / "a.json").read_text())
+    (tmp_path / "outside.json").write_text(json.dumps(rows))
+    info_path = tmp_path / "data" / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info["a"] = {"file_name": "../outside.json"}
+    info_path.write_text(json.dumps(info))
+    cfg = load_config(cfg_path, ["allow_outside_dataset_dir=true"])
+    data = load_data(cfg.data, load_tokenizer(cfg.model), ["a"])
+    assert len(data) == len(rows)  # every row of the file outside dataset_dir
