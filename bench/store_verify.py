@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -29,36 +28,10 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from store_read import best_seconds, write_inputs  # noqa: E402  (the same store and raw file, timed alike)
+
 from store import integrity  # noqa: E402
 from store.store import Store  # noqa: E402
-
-FINGERPRINT = "bench0000000000000000"
-
-
-def write_inputs(root: Path, num_rows: int, dim: int, shard_rows: int) -> tuple[Path, str]:
-    st = Store.create(root / "store", dataset_fingerprint=FINGERPRINT, num_rows=num_rows, shard_rows=shard_rows)
-    sig = st.signal("bench", {"bench": "store_verify"}, dtype="float16", dim=dim)
-    raw = root / "raw.f16"
-    rng = np.random.default_rng(0)
-    with open(raw, "wb") as fh:
-        for shard in range(sig.num_shards):
-            start, stop = sig.shard_range(shard)
-            values = rng.standard_normal((stop - start, dim), dtype=np.float32).astype(np.float16)
-            sig.write_shard(shard, values)
-            fh.write(values.tobytes())
-    return raw, sig.key
-
-
-def best(fns: dict, reps: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: min(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -94,7 +67,7 @@ def main() -> None:
         fns = {f"{kind}_{mode}": read(kind, mode) for kind in ("whole", "stream")
                for mode in ("unchecked", "first", "later", "blake2b")}
         fns["whole_raw"] = raw_whole
-        seconds = best(fns, args.reps)
+        seconds = best_seconds(fns, args.reps)
     mb = args.rows * args.dim * 2 / 1e6
     speed = {name: mb / s for name, s in seconds.items()}
     print(f"{mb:.0f} MB, {-(-args.rows // args.shard_rows)} shards; MB/s (ratio to unchecked)")
