@@ -21,7 +21,7 @@ from store.runs import mark_finished, mark_running
 from .config import RunConfig
 from .live_state import live_adam_state, live_lr
 from .plan import rng_for
-from .prepared import Prepared
+from .prepared import Prepared, run_store
 from .refresh import Refresher, SignalRoute, StoreSignals, ValueCache
 from .strategies import DecisionContext
 
@@ -63,7 +63,10 @@ class DecisionContexts:
             trainer.add_callback(RunCopyMarks(self))
 
     def stores(self) -> list:
-        return [s for s in (self.p.train_store, self.p.target_store) if s is not None]
+        """The stores the run's refreshed copies go to (refresh.store's, else the train and target stores)."""
+        return [run_store(self.cfg, self.p, split) for split, store in (("train", self.p.train_store),
+                                                                         ("target", self.p.target_store))
+                if store is not None]
 
     def __call__(self, step: int, window: int) -> DecisionContext:
         if self.trainer is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,8 @@ class Prepared:
     """The evaluation set: eval_dataset's rows or the held-out ones (None when there is none or it was not asked for)."""
     train_rows: np.ndarray | None = None
     """With val_size: the training rows' positions in the loaded datasets (the rest are held out)."""
+    run_stores: dict = field(default_factory=dict)
+    """refresh.store: the stores of the run's refreshed copies, per split, opened at the first refresh."""
 
 
 def store_for(cfg: RunConfig, data: TokenizedData) -> Store:
@@ -36,6 +38,20 @@ def store_for(cfg: RunConfig, data: TokenizedData) -> Store:
     root = Path(cfg.store.store) / data.fingerprint
     return Store.open_or_create(root, dataset_fingerprint=data.fingerprint, num_rows=len(data),
                                 shard_rows=cfg.store.shard_rows, dataset_info={"datasets": data.domain_names})
+
+
+def run_store(cfg: RunConfig, p: Prepared, split: str) -> Store:
+    """Where a run writes its refreshed copies of a split's signals: the split's store, or (refresh.store) its
+    twin under that folder, opened once per run and kept in `p.run_stores`."""
+    data, store = (p.train, p.train_store) if split == "train" else (p.target, p.target_store)
+    if not cfg.refresh.store:
+        return store
+    if split not in p.run_stores:
+        root = Path(cfg.refresh.store) / data.fingerprint
+        p.run_stores[split] = Store.open_or_create(
+            root, dataset_fingerprint=data.fingerprint, num_rows=len(data), shard_rows=store.meta.shard_rows,
+            dataset_info={"datasets": data.domain_names})
+    return p.run_stores[split]
 
 
 def target_names(cfg: RunConfig) -> list[str]:

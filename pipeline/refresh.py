@@ -30,7 +30,7 @@ from store.faiss_index import load_index
 from store.store import is_read_only
 
 from .config import RunConfig
-from .prepared import Prepared
+from .prepared import Prepared, run_store
 from .signal_stages import live_stage_for, stages_for
 from .strategies import SignalNeed
 
@@ -119,12 +119,14 @@ def plan_routes(cfg: RunConfig, needs: list[SignalNeed], component: str = "") ->
 def check_writable(cfg: RunConfig, routes: dict[tuple[str, str], SignalRoute], who: str) -> None:
     """A run that refreshes writes its copy of the signal into the store: on a read-only store, say so now."""
     live = [r.label for r in routes.values() if r.live]
-    if live and is_read_only(cfg.store.store):
+    target = cfg.refresh.store or cfg.store.store
+    if live and is_read_only(target):
+        where = "refresh.store" if cfg.refresh.store else "store"
         raise FlexfeedError(
-            f"store {cfg.store.store} is read-only, but {who} refreshes {', '.join(live)} during training, which "
-            "writes the run's copy of it into the store",
-            "set refresh.enabled: false to read the stored signals as they are, or copy the store to a writable "
-            "folder and point `store:` at it")
+            f"{where} {target} is read-only, but {who} refreshes {', '.join(live)} during training, which "
+            "writes the run's copy of it there",
+            "set refresh.enabled: false to read the stored signals as they are, or set refresh.store: PATH, a "
+            "writable folder for the run's refreshed copies (offline signals are still read from `store`)")
 
 
 def run_signal(stage, store, run_id: str):
@@ -184,11 +186,12 @@ class Refresher:
         if self.barrier is not None:
             self.barrier()
 
-    def refresh(self, stage, data, store, step: int, max_staleness=_UNSET):
-        """Make the stage's signal fresh for `step` in the run's copy; returns (info, the signal to read)."""
+    def refresh(self, stage, data, store, step: int, max_staleness=_UNSET, run_store=None):
+        """Make the stage's signal fresh for `step` in the run's copy (in `run_store`, default `store`, where
+        the offline signals are); returns (info, the signal to read)."""
         staleness = self.max_staleness if max_staleness is _UNSET else max_staleness
         t0 = time.perf_counter()
-        sig = run_signal(stage, store, self.run_id)
+        sig = run_signal(stage, store if run_store is None else run_store, self.run_id)
         if self.rank == 0 and not sig.records():
             base = offline_twin(stage, store)
             if base is not None:
@@ -342,7 +345,8 @@ class StoreSignals:
                     if self.refresher is None:
                         raise FlexfeedError(f"signal {route.label} is refreshed but the run has no refresher",
                                             "build StoreSignals with a Refresher")
-                    info, sig = self.refresher.refresh(stage, data, store, self.step, route.max_staleness)
+                    info, sig = self.refresher.refresh(stage, data, store, self.step, route.max_staleness,
+                                                       run_store=run_store(self.cfg, self.p, need.split))
                     self.log.setdefault("refresh", {})[route.label] = info
                 else:
                     sig = self._offline(stage, data, store)

@@ -191,6 +191,8 @@ class RefreshArgs:
     """A shard computed more than this many steps ago is stale; None never refreshes."""
     signals: list[str] | None = None
     """Signal names to refresh; None means those the component declares as refreshable."""
+    store: str | None = None
+    """A writable store root for the run's refreshed copies (one store per dataset fingerprint under it), when `store` is shared or read-only: offline signals are still read from `store`, nothing is written there."""
 
     def __post_init__(self):
         check_fields(self)

@@ -95,3 +95,19 @@ def test_a_full_disk_while_a_stage_writes_is_one_line_and_keeps_committed_shards
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.stderr.strip().splitlines()[-1].startswith("error: no space left on the device")
     assert "flexfeed store gc" in result.stderr and ro.attempts
+
+
+def test_refresh_store_lets_a_run_refresh_over_a_read_only_store(read_only, tmp_path):
+    """refresh.store: the run's refreshed copies go to a writable folder; the shared store stays untouched."""
+    cfg, store_root, ro = read_only
+    out, copies = tmp_path / "out", tmp_path / "run_store"
+    result = invoke("train", str(cfg), f"output_dir={out}", "train_type=select", "component=loss",
+                    "warmup_step=4", "update_step=4", "max_steps=8", "save_steps=100", f"refresh.store={copies}")
+    assert result.exit_code == 0, result.output
+    assert "trained 8 steps" in result.stdout and ro.attempts == []
+    written = [Store.open(p) for p in copies.iterdir() if p.is_dir()]
+    # the train rows' loss copy: its key holds the run, and its store the train set's fingerprint
+    assert [s.root.name for s in written] == [p.name for p in store_root.iterdir() if p.is_dir() and
+                                              p.name in {w.root.name for w in written}]
+    losses = [sig for s in written for sig in s.find("loss")]
+    assert losses and all(sig.records() for sig in losses)
