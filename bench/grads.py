@@ -12,6 +12,8 @@ LoRA r=8 on every linear layer but the head), each in its own process so peak RS
 - baseline_fp16:  the same with the projection in float16: DataFlex's case (its projector casts to
                   float16), slow on a CPU.
 - floor:          a plain batched forward+backward of the same per-sample losses, no per-sample work.
+- stage_bf16:     the stage with `grads.compute_dtype: bfloat16` (forward and backward under bf16 autocast):
+                  its time over the float32 stage's and its features' cosine to them (reported, not judged).
 
 The baselines are slow, so they run on a subset of rows (spread over the length range, after one
 untimed warm-up row) and their time is scaled per row; the JSON says so. Every path keeps the fastest
@@ -100,7 +102,7 @@ class BlockDenseProjector:
         return out
 
 
-def run_stage(rows, args, check_rows) -> dict:
+def run_stage(rows, args, check_rows, compute_dtype: str = "float32") -> dict:
     from stages.batching import length_sorted_batches, pad_batch
     from stages.grads import build_projector, compute_features
     from stages.grads.hooks import per_sample_grads
@@ -113,8 +115,9 @@ def run_stage(rows, args, check_rows) -> dict:
         feats = torch.zeros(len(rows), args.proj_dim)
         for index in length_sorted_batches([len(r) for r in rows], args.batch_size):
             batch = pad_batch([rows[i] for i in index])
-            feats[index] = compute_features(model, batch, projector)
+            feats[index] = compute_features(model, batch, projector, compute_dtype=compute_dtype)
         times.append(time.perf_counter() - start)
+    torch.save(feats, args.out + ".feats.pt")
     # exactness check rows: unprojected per-sample gradients, flattened in parameter order
     batch = pad_batch([rows[i] for i in check_rows])
     grads = per_sample_grads(model, batch)
@@ -180,6 +183,7 @@ def child(args) -> None:
     rows = make_rows(args.rows)
     check_rows = baseline_subset(rows, args.baseline_rows + 1)[1: args.check_rows + 1]
     paths = {"stage": run_stage, "floor": run_floor,
+             "stage_bf16": lambda *a: run_stage(*a, compute_dtype="bfloat16"),
              "baseline_fp32": lambda *a: run_baseline(*a, torch.float32),
              "baseline_fp16": lambda *a: run_baseline(*a, torch.float16)}
     result, flat = paths[args.path](rows, args, check_rows)
@@ -202,7 +206,8 @@ def main() -> None:
     parser.add_argument("--baseline-rows", type=int, default=32, help="rows the baselines are timed on")
     parser.add_argument("--check-rows", type=int, default=8, help="rows whose raw gradients are compared")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes of every path (min is kept)")
-    parser.add_argument("--path", choices=["stage", "baseline_fp32", "baseline_fp16", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=["stage", "stage_bf16", "baseline_fp32", "baseline_fp16", "floor"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.path:
@@ -212,9 +217,9 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}  (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     print(f"model: Llama hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}, LoRA r={RANK} on {','.join(LORA_TARGETS)}")
     print(f"rows: {args.rows} of 32..128 tokens, proj_dim {args.proj_dim}, stage batch {args.batch_size}")
-    results, flats = {}, {}
+    results, flats, feats = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for path in ("floor", "stage", "baseline_fp32", "baseline_fp16"):
+        for path in ("floor", "stage", "stage_bf16", "baseline_fp32", "baseline_fp16"):
             out = os.path.join(tmp, path + ".json")
             cmd = [sys.executable, __file__, "--path", path, "--out", out, "--rows", str(args.rows),
                    "--proj-dim", str(args.proj_dim), "--batch-size", str(args.batch_size),
@@ -224,6 +229,8 @@ def main() -> None:
             results[path] = json.loads(Path(out).read_text())
             if os.path.exists(out + ".pt"):
                 flats[path] = torch.load(out + ".pt", weights_only=True)
+            if os.path.exists(out + ".feats.pt"):
+                feats[path] = torch.load(out + ".feats.pt", weights_only=True)
             r = results[path]
             passes = f" (min of {', '.join(f'{t:.2f}' for t in r['all_s'])})" if "all_s" in r else ""
             print(f"{path:>8}: {r['seconds']:8.2f} s for {r['rows']:4d} rows = {1000 * r['seconds'] / r['rows']:8.2f}"
@@ -233,6 +240,11 @@ def main() -> None:
         print(f"{path} scaled to {args.rows} rows: {per_row[path] * args.rows:.1f} s "
               f"(timed on {results[path]['rows']} rows spread over the length range)")
     print(f"LoRA parameters: {results['baseline_fp32']['grad_dim']}")
+    # grads.compute_dtype: bfloat16 against the float32 stage, same rows and projection (not judged: a CPU
+    # without bf16 units gains nothing; the error is what a user trades)
+    bf16_cos = torch.nn.functional.cosine_similarity(feats["stage"], feats["stage_bf16"], dim=1)
+    print(f"stage under bf16 autocast: {per_row['stage_bf16'] / per_row['stage']:.3f}x the float32 stage's time, "
+          f"feature cosine to float32 min {bf16_cos.min():.5f}, mean {bf16_cos.mean():.5f}")
     summary = {
         "bench": "grads",
         "speedup_vs_less_fp32": round(per_row["baseline_fp32"] / per_row["stage"], 2),
@@ -250,6 +262,9 @@ def main() -> None:
         "floor_s": round(results["floor"]["seconds"], 3),
         "baseline_fp32_s_scaled": round(per_row["baseline_fp32"] * args.rows, 1),
         "baseline_fp16_s_scaled": round(per_row["baseline_fp16"] * args.rows, 1),
+        "bf16_time_over_fp32": round(per_row["stage_bf16"] / per_row["stage"], 3),
+        "bf16_min_cosine": round(float(bf16_cos.min()), 6),
+        "bf16_mean_cosine": round(float(bf16_cos.mean()), 6),
         "torch_threads": 1,
     }
     print(json.dumps(summary), flush=True)

@@ -189,6 +189,8 @@ class GradsArgs:
     """Rows per batched backward."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the features."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The forward and backward run under this autocast dtype (`bfloat16`: faster on hardware with bf16 units, about 1e-2 relative error against float32, printed by bench/grads.py); per-sample products, Adam and the projection stay float32."""
     nice_num_samples: int = bounded(4, low=1, high=4096)
     """NICE: completions sampled per target prompt for its policy-gradient feature (DataFlex `mc_samples`); from 2 on, each sample's baseline is the mean reward of the others."""
     nice_temperature: float = bounded(1.0, low=0.0, low_open=True, high=100.0)

@@ -25,8 +25,13 @@ def build_projector(model: nn.Module, proj_dim: int, *, proj_type: str = "radema
 
 
 def compute_features(model: nn.Module, batch: dict[str, torch.Tensor], projector: Projector,
-                     preconditioner: AdamPreconditioner | None = None, normalize: bool = True) -> torch.Tensor:
-    """(b, proj_dim) float32 features of a padded batch: per-sample grads -> [Adam] -> projection -> [L2]."""
+                     preconditioner: AdamPreconditioner | None = None, normalize: bool = True,
+                     compute_dtype: str = "float32") -> torch.Tensor:
+    """(b, proj_dim) float32 features of a padded batch: per-sample grads -> [Adam] -> projection -> [L2].
+
+    `compute_dtype: bfloat16` runs the model's forward and backward under bf16 autocast; the per-sample
+    gradient products (float32 casts in the hooks), preconditioning and projection stay float32.
+    """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
     feats = torch.zeros(batch["input_ids"].shape[0], projector.proj_dim, dtype=torch.float32, device=device)
@@ -41,7 +46,8 @@ def compute_features(model: nn.Module, batch: dict[str, torch.Tensor], projector
     was_training = model.training
     model.eval()  # no dropout: the same rows give the same features
     try:
-        batched_per_sample_grads(model, batch, on_grad)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
+            batched_per_sample_grads(model, batch, on_grad)
     finally:
         model.train(was_training)
     if normalize:

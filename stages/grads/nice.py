@@ -213,7 +213,8 @@ class NiceTargetStage(GradsStage):
         out = torch.zeros(len(seqs), self.args.proj_dim, dtype=torch.float32)
         for index in length_sorted_batches([len(s) for s in seqs], self.args.batch_size):
             batch = pad_batch([seqs[i] for i in index], [labels[i] for i in index], pad_id=self._pad_id)
-            out[index] = compute_features(self._model, batch, self._projector, None, normalize=False).cpu()
+            out[index] = compute_features(self._model, batch, self._projector, None, normalize=False,
+                                          compute_dtype=self.args.compute_dtype).cpu()
         return out
 
     def policy_gradients(self, rolls: list[dict]) -> torch.Tensor:

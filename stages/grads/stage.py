@@ -75,6 +75,8 @@ class GradsStage(Stage):
                 **projection_spec(self.args.proj_dim, self.args.proj_type, self.args.seed, self.args.proj_structure),
                 "normalize": self.args.normalize, "loss": "token_mean", "code_version": self.code_version,
             }
+            if self.args.compute_dtype != "float32":  # other numbers, another key (float32 keys unchanged)
+                self._spec["compute_dtype"] = self.args.compute_dtype
             if self.live and adam:
                 # no checkpoint's moments: the run's optimizer state at each decision (a run-scoped signal)
                 self._spec["preconditioner"] = "live_optimizer"
@@ -136,7 +138,7 @@ class GradsStage(Stage):
                                     hint="drop empty samples in the data stage (cutoff_len, filters)")
             batch = pad_batch([input_ids[i] for i in index], [labels[i] for i in index], pad_id=self._pad_id)
             feats = compute_features(self._model, batch, self._projector, self._preconditioner,
-                                     normalize=self.args.normalize)
+                                     normalize=self.args.normalize, compute_dtype=self.args.compute_dtype)
             out[index] = feats.cpu().numpy()
         return out
 

@@ -81,3 +81,19 @@ def test_bad_settings_are_clear_errors(checkpoints, tmp_path):
     stage = GradsStage(margs, GradsArgs(proj_dim=64, grad_type="sgd"))
     with pytest.raises(FlexfeedError, match="row 1 of the shard has no tokens"):
         stage.compute({"input_ids": [[5, 6], []], "labels": [[5, 6], []]})
+
+
+def test_bfloat16_compute_is_close_to_float32_and_keyed_apart(checkpoints):
+    """compute_dtype bfloat16: the forward/backward under bf16 autocast, everything after it float32.
+
+    bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 2e-3 per operation), so unit-norm features
+    agree to a cosine well above 0.99 but not bit for bit; the key differs (other numbers), the float32
+    key is the one it always was."""
+    margs, _ = checkpoints
+    fp32 = GradsStage(margs, GradsArgs(proj_dim=64, grad_type="sgd"))
+    bf16 = GradsStage(margs, GradsArgs(proj_dim=64, grad_type="sgd", compute_dtype="bfloat16"))
+    a, b = fp32.compute(ROWS), bf16.compute(ROWS)
+    cosines = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosines.min() > 0.99 and not np.array_equal(a, b)
+    assert "compute_dtype" not in fp32.signal().spec and bf16.signal().spec["compute_dtype"] == "bfloat16"
+    assert fp32.signal().spec != bf16.signal().spec
