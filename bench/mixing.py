@@ -1,4 +1,4 @@
-"""Quality of dynamic mixing: `doremi` and `odm` against `static` uniform on two domains of different difficulty.
+"""Quality of dynamic mixing: worst-domain validation loss of `doremi` and `odm` against `static` uniform, over seeds.
 
 Setup (all made here, in a temporary folder):
 
@@ -7,30 +7,30 @@ Setup (all made here, in a temporary folder):
 - domain `hard`: integer arithmetic with fresh random operands in every row ("compute 47 * 83 + 12");
   the answer is learnable only slowly and never fully by a model this size;
 - held-out `easy_val` and `hard_val` sets drawn the same way (new arithmetic operands), used as the
-  run's `eval_dataset`, so each run ends with a per-domain validation loss.
+  run's `eval_dataset`, so each run ends with a per-domain validation loss;
+- DoReMi's reference (steps 1 and 2 of its workflow, made once): `static` uniform trained for `--ref-steps`
+  steps (default: as many as the proxy) at seed 7, then the loss stage scores every train row with it into
+  `ref_loss`. The reference is this trained model, not the initial one: against the initial model every
+  excess loss is clipped to 0 as soon as the proxy learns anything, and DoReMi would never move.
 
-Every run starts from the same random initial model, with the same steps, batch, learning rate and
-seed; only the mixture differs:
+Then, per seed (`--seeds`, 0..n-1), one run per method, all from the same random initial model with the same
+steps, batch and learning rate, a decision every `--update-step` steps; the seed changes the rows drawn and
+the mixers' random draws:
 
-1. reference: `static` uniform for `--ref-steps` steps (default: as many as the proxy; DoReMi step 1).
-   The reference is this trained model, not the initial one: against the initial model every excess
-   loss is clipped to 0 as soon as the proxy learns anything, and DoReMi would never move;
-2. the loss stage scores every train row with the reference into `ref_loss` (DoReMi step 2);
-3. `static` uniform, `doremi` (DoReMi step 3, the proxy run) and `odm`, each for `--steps` steps with a
-   decision every `--update-step` steps.
+- `static`: uniform, the baseline;
+- `doremi` in each form of `--forms` (`reweight`, the paper's and flexfeed's default: windows drawn uniformly,
+  losses weighted by alpha; `sample`: windows drawn from alpha) with each eps of `--eps` (DoReMi's own 1e-3
+  and 0.05, tuned earlier on this bench so that `sample` keeps every domain in its windows): named
+  `doremi` for reweight at 1e-3 (the target's), else `doremi[_sample][_eps<eps>]`;
+- `odm` with its defaults.
 
-DoReMi's smoothing: flexfeed's `doremi` samples each window with the current alpha (it does not
-reweight a uniformly sampled batch as the paper does), and a domain that gets no rows in a window has
-no measured excess (it counts as 0). With the paper's eps = 1e-3 the floor is eps/K = 0.05 % of a
-window, so once alpha swings to one domain the other is not sampled for many decisions and its weight
-only creeps back through the smoothing. The bench therefore runs `doremi` with eps = 0.05 (at least
-2.5 % of every window per domain) and, for comparison, once more with the paper's 1e-3
-(`doremi_paper_eps`), printing the longest stretch of decisions that left a domain without rows.
-
-Printed: the proportions of each dynamic run over time (with the rows each window drew and, for
-doremi, the excess losses it saw), the final weights (DoReMi's averaged alpha; ODM's last policy),
-and each run's final validation loss per domain next to static uniform. The last line printed is
-the JSON summary.
+The figure is the worst domain's validation loss at the end (the larger of easy_val and hard_val): what
+Group DRO (DoReMi) minimises, and what a mixer that leans on the hard domain should lower. Printed per
+method: the mean, the per-seed values, `wins` (seeds where it is below static uniform's at the same seed),
+each domain's mean validation loss, the mean final weights (DoReMi's averaged alpha, ODM's last policy)
+and the longest stretch of decisions that left a domain without rows. The last line is the JSON summary;
+targets (bench/_targets.py MIXING, for the default study only): `doremi` (reweight, eps 1e-3) and `odm`
+beat uniform in at least 4 of 5 seeds, else the exit status is 1.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ import time
 from pathlib import Path
 
 import _common as common
+from _targets import MIXING
+
+REF_SEED = 7
+DOMAINS = ("easy", "hard")
+FORMS = ("reweight", "sample")
+PAPER_EPS = 1e-3
+EPS = (PAPER_EPS, 0.05)
+TARGET_DOREMI = "doremi"  # reweight (the default form) at the paper's eps
 
 MOTTOS = [
     "the early bird catches the worm and the night owl sees the stars",
@@ -73,7 +81,7 @@ save_strategy: "no"
 report_to: none
 disable_tqdm: true
 dataloader_pin_memory: false
-seed: 7
+seed: {seed}
 store: {store}
 shard_rows: 256
 runner:
@@ -102,9 +110,9 @@ def hard_rows(num: int, seed: int) -> list[dict]:
     return rows
 
 
-def write_config(tmp: Path, name: str, args, model: Path, data: Path, steps: int, extra: dict) -> Path:
+def write_config(tmp: Path, name: str, args, model: Path, data: Path, steps: int, seed: int, extra: dict) -> Path:
     text = CONFIG.format(model=model, data=data, out=tmp / "runs" / name, batch=args.batch, lr=args.lr,
-                         steps=steps, store=tmp / "store")
+                         steps=steps, seed=seed, store=tmp / "store")
     for key, value in extra.items():
         text += f"{key}: {json.dumps(value)}\n"
     path = tmp / f"{name}.yaml"
@@ -112,15 +120,27 @@ def write_config(tmp: Path, name: str, args, model: Path, data: Path, steps: int
     return path
 
 
-def proportions_over_time(out_dir: Path, every: int) -> list[tuple[int, dict, dict]]:
-    """(step, proportions, decision record) of every `every`-th decision and the last one."""
-    decisions = [json.loads(line) for line in (out_dir / "flexfeed_decisions.jsonl").read_text().splitlines()]
-    made = [(d["step"], d["proportions"], d) for d in decisions if d.get("decision")]
-    return [m for i, m in enumerate(made) if i % every == 0 or i == len(made) - 1]
+def doremi_name(form: str, eps: float) -> str:
+    """`doremi` for the paper's own setting (reweight, eps 1e-3); the other variants say how they differ."""
+    return "doremi" + ("" if form == "reweight" else f"_{form}") + ("" if eps == PAPER_EPS else f"_eps{eps:g}")
+
+
+def method_runs(args) -> dict[str, dict]:
+    """Run keys of each method of the study, static uniform first (the baseline every seed compares with)."""
+    mix = {"train_type": "mix", "warmup_step": 0, "update_step": args.update_step}
+    runs = {"static": dict(mix, component="static", component_args={"proportions": "uniform"})}
+    ref_loss = {"loss": {"model_name_or_path": "{ref}", "signal": "ref_loss", "batch_size": 32}}
+    for form in args.forms:
+        for eps in args.eps:
+            runs[doremi_name(form, eps)] = dict(mix, component="doremi", **ref_loss, component_args={
+                "reweight_eta": args.eta, "reweight_eps": eps, "form": form})
+    runs["odm"] = dict(mix, component="odm", component_args={"alpha": 0.9, "reward_scale": args.odm_reward_scale})
+    return runs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--rows", type=int, default=256, help="train rows per domain")
     parser.add_argument("--val-rows", type=int, default=64, help="validation rows per domain")
     parser.add_argument("--ref-steps", type=int, default=None, help="reference run steps (default: --steps)")
@@ -129,12 +149,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eta", type=float, default=1.0, help="doremi reweight_eta")
-    parser.add_argument("--eps", type=float, default=0.05,
-                        help="doremi reweight_eps (the floor eps/K keeps every domain sampled, see the module doc)")
-    parser.add_argument("--paper-eps", type=float, default=1e-3,
-                        help="also run doremi with this eps (DoReMi's own value) to show domain starvation; 0 skips")
+    parser.add_argument("--eps", default=",".join(f"{e:g}" for e in EPS), help="doremi reweight_eps values")
+    parser.add_argument("--forms", default=",".join(FORMS), help="doremi forms (reweight, sample, weights_only)")
     parser.add_argument("--odm-reward-scale", type=float, default=1.0)
     args = parser.parse_args()
+    default_study = vars(args) == vars(parser.parse_args([]))  # the targets are set for it alone
+    args.eps = [float(e) for e in args.eps.split(",")]
+    args.forms = args.forms.split(",")
     args.ref_steps = args.ref_steps or args.steps
     common.pin_threads()
     import logging
@@ -149,7 +170,11 @@ def main() -> None:
 
     datasets = {"easy": easy_rows(args.rows, 1), "hard": hard_rows(args.rows, 2),
                 "easy_val": easy_rows(args.val_rows, 3), "hard_val": hard_rows(args.val_rows, 4)}
-    hard, domains = "hard", ["easy", "hard"]
+    runs = method_runs(args)
+    methods = list(runs)
+    val: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    weights: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    starved: dict[str, list[int]] = {m: [] for m in methods}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -157,91 +182,64 @@ def main() -> None:
         model = common.make_model(tmp / "model", common.tokenizer_texts(datasets))
         print(f"domains: easy ({args.rows} rows, 4 distinct sentences), hard ({args.rows} rows, random arithmetic); "
               f"batch {args.batch}, lr {args.lr}, {args.steps} steps, decision every {args.update_step} steps, "
-              f"full fine-tuning of a random tiny Llama", flush=True)
+              f"full fine-tuning of a random tiny Llama; {args.seeds} seeds; methods {', '.join(methods)}", flush=True)
 
-        # DoReMi step 1: the reference model, trained on the uniform mixture
-        t0 = time.perf_counter()
-        ref_cfg = write_config(tmp, "reference", args, model, data, args.ref_steps, {"train_type": "static"})
+        # DoReMi steps 1 and 2, once: the reference trained on the uniform mixture, and its loss on every train row
+        ref_cfg = write_config(tmp, "reference", args, model, data, args.ref_steps, REF_SEED, runs["static"])
         ref = quiet(train, load_config(ref_cfg))
         ref_dir = Path(ref["output_dir"])
-        print(f"reference: static uniform, {ref['steps']} steps, train loss {ref['train_loss']:.3f}, "
-              f"val loss {fmt(ref['eval_loss'])} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        print(f"reference: static uniform, seed {REF_SEED}, {ref['steps']} steps, val loss {fmt(ref['eval_loss'])}",
+              flush=True)
+        for extra in runs.values():
+            if "loss" in extra:
+                extra["loss"] = dict(extra["loss"], model_name_or_path=str(ref_dir))
+        doremi_any = next((m for m in methods if m.startswith("doremi")), None)
+        if doremi_any:
+            ref_loss_cfg = write_config(tmp, "ref_loss", args, model, data, args.steps, REF_SEED, runs[doremi_any])
+            for r in run_stage_job(load_config(ref_loss_cfg), "loss", progress=False):
+                print(f"reference losses: {r.summary()}")
+        setup_s = time.perf_counter() - t_start
+        print(f"setup (data, model, reference, reference losses): {setup_s:.1f} s", flush=True)
 
-        # DoReMi step 2: reference losses of every train row, into the shared store
-        ref_loss_args = {"loss": {"model_name_or_path": str(ref_dir), "signal": "ref_loss", "batch_size": 32}}
-        runs = {
-            "static": {"train_type": "mix", "component": "static", "component_args": {"proportions": "uniform"},
-                       "warmup_step": 0, "update_step": args.update_step},
-            "doremi": {"train_type": "mix", "component": "doremi",
-                       "component_args": {"reweight_eta": args.eta, "reweight_eps": args.eps},
-                       "warmup_step": 0, "update_step": args.update_step, **ref_loss_args},
-            "odm": {"train_type": "mix", "component": "odm",
-                    "component_args": {"alpha": 0.9, "reward_scale": args.odm_reward_scale},
-                    "warmup_step": 0, "update_step": args.update_step},
-        }
-        if args.paper_eps:
-            runs["doremi_paper_eps"] = dict(runs["doremi"], component_args={"reweight_eta": args.eta,
-                                                                            "reweight_eps": args.paper_eps})
-        cfgs = {name: write_config(tmp, name, args, model, data, args.steps, extra) for name, extra in runs.items()}
-        for r in run_stage_job(load_config(cfgs["doremi"]), "loss", progress=False):
-            print(f"reference losses: {r.summary()}")
+        # DoReMi step 3 (the proxy run) in each variant, next to ODM and static uniform, per seed
+        train_s = 0.0
+        for seed in range(args.seeds):
+            for name, extra in runs.items():
+                cfg = write_config(tmp, f"{name}_{seed}", args, model, data, args.steps, seed, extra)
+                t0 = time.perf_counter()
+                s = quiet(train, load_config(cfg))
+                train_s += time.perf_counter() - t0
+                val[name].append({d: float(s["eval_loss"][f"{d}_val"]) for d in DOMAINS})
+                weights[name].append({d: float(w) for d, w in s["final_weights"].items()})
+                starved[name].append(longest_starvation(Path(s["output_dir"]), list(DOMAINS)))
+                print(f"seed {seed} {name:>22}: val loss {fmt(val[name][-1])}, worst {max(val[name][-1].values()):.4f}, "
+                      f"final weights {fmt(weights[name][-1])} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-        # DoReMi step 3 (proxy run) next to ODM and static uniform
-        summaries = {}
-        for name, cfg in cfgs.items():
-            t0 = time.perf_counter()
-            summaries[name] = quiet(train, load_config(cfg))
-            s = summaries[name]
-            print(f"{name:>7}: train loss {s['train_loss']:.3f}, val loss {fmt(s['eval_loss'])}, "
-                  f"final weights {fmt(s['final_weights'])} ({time.perf_counter() - t0:.1f} s)", flush=True)
-
-        for name in [n for n in ("doremi", "doremi_paper_eps", "odm") if n in summaries]:
-            print(f"{name} proportions over time (step: {' / '.join(domains)}):")
-            for step, props, record in proportions_over_time(Path(summaries[name]["output_dir"]), every=3):
-                seen = " / ".join(str(record["per_domain"][d]) for d in domains)
-                why = ""
-                if "doremi/excess" in record:  # what the update saw since the previous decision
-                    why = (f"  excess {' / '.join(f'{x:.3f}' for x in record['doremi/excess'])}"
-                           f" on {' / '.join(str(int(c)) for c in record['doremi/counts'])} samples")
-                print(f"  {step:4d}: " + " / ".join(f"{props[d]:.3f}" for d in domains) + f"  window rows {seen}{why}")
-            if name.startswith("doremi"):
-                print("  averaged (output): " + " / ".join(f"{summaries[name]['final_weights'][d]:.3f}"
-                                                          for d in domains))
-
-        starved = {name: longest_starvation(Path(summaries[name]["output_dir"]), domains) for name in summaries
-                   if name != "static"}
-    val = {name: {d: s["eval_loss"][f"{d}_val"] for d in domains} for name, s in summaries.items()}
-    final_weights = {name: summaries[name]["final_weights"] for name in ("doremi", "odm")}
-    uniform = 1.0 / len(domains)
-    print("longest run of decisions in a row that gave a domain no rows: "
-          + ", ".join(f"{n} {v}" for n, v in starved.items()))
-    print("validation loss vs static uniform (ratio < 1 is better):")
-    for name in [n for n in summaries if n != "static"]:
-        print(f"  {name:>7}: " + ", ".join(f"{d} {val[name][d]:.3f} ({val[name][d] / val['static'][d]:.3f}x)"
-                                           for d in domains))
-    above = {name: final_weights[name][hard] > uniform for name in final_weights}
-    print(f"final weight on {hard!r} above uniform {uniform:.2f}: "
-          + ", ".join(f"{n} {final_weights[n][hard]:.3f} {'yes' if ok else 'NO'}" for n, ok in above.items()))
-    common.emit({
-        "bench": "mixing",
-        "hard_domain": hard,
-        "final_weights": {n: {d: round(w, 4) for d, w in fw.items()} for n, fw in final_weights.items()},
-        "hard_above_uniform": above,
-        "doremi_paper_eps": ({"final_weights": {d: round(w, 4) for d, w in summaries["doremi_paper_eps"]
-                                                ["final_weights"].items()},
-                              "val_loss": {d: round(v, 4) for d, v in val["doremi_paper_eps"].items()},
-                              "eps": args.paper_eps} if "doremi_paper_eps" in summaries else None),
-        "longest_starved_decisions": starved,
-        "val_loss": {n: {d: round(v, 4) for d, v in vals.items()} for n, vals in val.items()
-                     if n != "doremi_paper_eps"},
-        "val_loss_ratio_vs_static": {n: {d: round(val[n][d] / val["static"][d], 4) for d in domains}
-                                     for n in ("doremi", "odm")},
-        "reference": {"kind": "static uniform", "steps": args.ref_steps},
-        "steps": args.steps, "update_step": args.update_step, "batch": args.batch, "lr": args.lr,
-        "doremi_eta": args.eta, "doremi_eps": args.eps, "odm_reward_scale": args.odm_reward_scale,
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "torch_threads": 1,
-    })
+    worst = {m: [round(max(v.values()), 4) for v in val[m]] for m in methods}
+    result: dict = {"bench": "mixing", "figure": "worst_domain_val_loss", "target_doremi": TARGET_DOREMI,
+                    "seeds": args.seeds, "steps": args.steps, "update_step": args.update_step, "batch": args.batch,
+                    "lr": args.lr, "rows_per_domain": args.rows, "doremi_eta": args.eta, "doremi_eps": args.eps,
+                    "doremi_forms": args.forms, "odm_reward_scale": args.odm_reward_scale,
+                    "reference": {"kind": "static uniform", "steps": args.ref_steps, "seed": REF_SEED},
+                    "setup_s": round(setup_s, 1), "train_s": round(train_s, 1), "torch_threads": 1}
+    print(f"worst-domain validation loss over {args.seeds} seeds (wins: seeds below static uniform's):")
+    for m in methods:
+        entry = {"worst_domain_val_loss": {"mean": round(sum(worst[m]) / len(worst[m]), 4), "per_seed": worst[m]},
+                 "val_loss_mean": {d: round(sum(v[d] for v in val[m]) / len(val[m]), 4) for d in DOMAINS},
+                 "final_weights_mean": {d: round(sum(w[d] for w in weights[m]) / len(weights[m]), 4) for d in DOMAINS},
+                 "longest_starved_decisions": max(starved[m])}
+        if m != "static":
+            entry["wins"] = sum(x < b for x, b in zip(worst[m], worst["static"], strict=True))
+            result[f"{m}_wins"] = entry["wins"]
+        result[m] = entry
+        print(f"  {m:>22}: mean {entry['worst_domain_val_loss']['mean']:.4f}  per seed {worst[m]}"
+              + (f"  wins {entry['wins']}/{args.seeds}" if "wins" in entry else "")
+              + f"  mean val {fmt(entry['val_loss_mean'])}  mean weights {fmt(entry['final_weights_mean'])}"
+              + f"  longest starvation {entry['longest_starved_decisions']}", flush=True)
+    print(f"setup {setup_s:.1f} s, training {train_s:.1f} s ({len(methods) * args.seeds} runs)", flush=True)
+    common.emit(result)
+    if default_study:
+        common.exit_on_misses(result, MIXING)
 
 
 def longest_starvation(out_dir: Path, domains: list[str]) -> int:
