@@ -31,7 +31,8 @@ class GradsStage(Stage):
     code_version = "grads-1"
     needs_grad = True
 
-    def __init__(self, model_args: ModelArgs, args: GradsArgs, checkpoint: str | None = None, *, live: bool = False):
+    def __init__(self, model_args: ModelArgs, args: GradsArgs, checkpoint: str | None = None, *, live: bool = False,
+                 since_step: int | None = None):
         # GradsArgs checks its own ranges and choices; what needs the checkpoint is checked here
         if args.grad_type == "adam" and checkpoint is None and not live:
             raise FlexfeedError("grads.grad_type adam needs a checkpoint with optimizer state, none given",
@@ -43,6 +44,9 @@ class GradsStage(Stage):
         # live: the training model at a decision, preconditioned (adam) by the live optimizer's moments
         self.live = live
         self.checkpoint = None if checkpoint is None else str(checkpoint)
+        # the step of the previous configured checkpoint: LESS weights a checkpoint by the mean learning rate
+        # of the interval since the one before it (None: the nearest earlier checkpoint folder beside it)
+        self.since_step = since_step
         # the checkpoint's adapter is the model whose gradients we take
         self.model_args = resolve_model_args(  # a hub id's snapshot, once: every worker loads it
             replace(model_args, adapter_name_or_path=self.checkpoint) if checkpoint else model_args)
@@ -62,7 +66,7 @@ class GradsStage(Stage):
             adam = self.args.grad_type == "adam"
             ckpt = None
             if self.checkpoint is not None:
-                lr = checkpoint_lr(self.checkpoint)
+                lr = checkpoint_lr(self.checkpoint, self.since_step)
                 lr_source = "trainer_state"
                 if lr is None and adam:
                     lr, lr_source = self._optimizer_lr(), "optimizer"
@@ -154,4 +158,11 @@ def grads_stages(model_args: ModelArgs, args: GradsArgs) -> list[GradsStage]:
     """One stage per checkpoint in ``args.checkpoints`` (the model as loaded when there are none)."""
     if not args.checkpoints:
         return [GradsStage(model_args, args, None)]
-    return [GradsStage(model_args, args, c) for c in args.checkpoints]
+    since = interval_starts(args.checkpoints)
+    return [GradsStage(model_args, args, c, since_step=since[c]) for c in args.checkpoints]
+
+
+def interval_starts(checkpoints: list[str]) -> dict[str, int]:
+    """Each configured checkpoint's interval start for LESS's weight: the previous configured one's step, or 0."""
+    steps = {c: checkpoint_step(c) for c in checkpoints}
+    return {c: max((s for s in steps.values() if s < steps[c]), default=0) for c in checkpoints}

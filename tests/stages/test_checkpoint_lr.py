@@ -44,3 +44,17 @@ def test_a_checkpoint_with_no_rate_in_its_interval_has_none(tmp_path):
     later = write_checkpoint(tmp_path, 8, [2, 4])  # nothing logged in (4, 8]
     assert checkpoint_lr(later) is None
     assert checkpoint_lr(tmp_path / "checkpoint-4") == pytest.approx((8e-4 + 6e-4) / 2)
+
+
+def test_configured_checkpoints_set_the_intervals(tmp_path):
+    """With checkpoints 5 and 10 configured and a folder for step 7 beside them (not configured), the
+    checkpoint at 10 weighs steps 6..10 (mean 2e-4 by hand, as above), not 8..10 (2e-4, 1e-4, 0: mean 1e-4)."""
+    from stages.grads.stage import interval_starts
+
+    first = write_checkpoint(tmp_path, 5, range(1, 6))
+    write_checkpoint(tmp_path, 7, range(1, 8))
+    last = write_checkpoint(tmp_path, 10, range(1, 11))
+    assert checkpoint_lr(last) == pytest.approx(1e-4)  # the nearest folder alone: steps 8, 9, 10
+    since = interval_starts([str(last), str(first)])
+    assert since == {str(last): 5, str(first): 0}
+    assert checkpoint_lr(last, since[str(last)]) == pytest.approx(2e-4)
