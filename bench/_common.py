@@ -76,12 +76,12 @@ def make_model(out_dir: str | os.PathLike, texts: list[str], vocab_size: int = 5
 
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    import resource
+    try:
+        return status_mb("VmHWM")
+    except RuntimeError:
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def emit(summary: dict) -> None:

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _common import exit_on_misses  # noqa: E402
+from _common import exit_on_misses, reset_peak_rss, status_mb  # noqa: E402
 from _targets import STORE_READ  # noqa: E402
 
 from store.store import Store  # noqa: E402
@@ -101,29 +101,16 @@ def measure(root: Path, raw: Path, key: str, reps: int) -> dict:
     return {name: nbytes / sec / 1e6 for name, sec in t.items()}
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def rss_child(root: str, key: str) -> None:
     """Run in a fresh process: stream the whole signal and print baseline and peak RSS in MiB."""
     sig = Store.open(root).get(key)
     sig.record(0)
-    base = _status_mb("VmRSS")
-    try:  # restart the kernel's high-water mark here, so the import peak does not count
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        hwm_reset = True
-    except OSError:
-        hwm_reset = False
+    base = status_mb("VmRSS")
+    hwm_reset = reset_peak_rss()  # restart the kernel's high-water mark here, so the import peak does not count
     for _, _, values in sig.iter_shards():
         _touch(values)
     # VmHWM belongs to this process image (ru_maxrss would carry the parent's peak across exec)
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     print(json.dumps({"baseline_mb": base, "peak_mb": peak, "hwm_reset": hwm_reset}))
 
 
