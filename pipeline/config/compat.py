@@ -124,14 +124,11 @@ _FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_
 def _flash_attn(value, where: str):
     if not isinstance(value, str) or value not in _FLASH_ATTN:
         raise FlexfeedError(f"{where}: unknown value {value!r}", f"choose one of: {', '.join(_FLASH_ATTN)}")
-    if value == "fa2" and not is_flash_attn_2_available():
+    available = {"fa2": ("2", is_flash_attn_2_available), "fa3": ("3", is_flash_attn_3_available)}.get(value)
+    if available is not None and not available[1]():
         # as LLaMA-Factory: a config written for a GPU with flash-attn installed still runs elsewhere
-        log.warning("%s: FlashAttention-2 is not installed here (or there is no GPU): using the model's "
-                    "default attention", where)
-        return None
-    if value == "fa3" and not is_flash_attn_3_available():
-        log.warning("%s: FlashAttention-3 is not installed here (or there is no GPU): using the model's "
-                    "default attention", where)
+        log.warning("%s: FlashAttention-%s is not installed here (or there is no GPU): using the model's "
+                    "default attention", where, available[0])
         return None
     return _FLASH_ATTN[value]
 

@@ -264,11 +264,11 @@ class _Load:
             return
         flex = self.values["flex"]
         times = flex.get("update_times")
-        if times is None or coerce(times, int, self.where("update_times")) < 1:
+        times = None if times is None else coerce(times, int, self.where("update_times"))
+        if times is None or times < 1:
             return  # no fixed number of updates: DataFlex trains the data's epochs too
         if spelled == "dynamic_mix" and flex.get("static_mix") is True:
             return
-        times = coerce(times, int, self.where("update_times"))
         warmup = coerce(flex.get("warmup_step", 0), int, self.where("warmup_step"))
         every = self.update_step()
         cycle = warmup + every * times
