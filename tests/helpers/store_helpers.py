@@ -53,3 +53,12 @@ def start_writer(store_path, *args: str, **env: str) -> subprocess.Popen:
     """Start the writer child (see store_writer.py) with its stdout piped, one line per commit."""
     return subprocess.Popen([sys.executable, str(WRITER), str(store_path), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=child_env(**env), cwd=REPO)
+
+
+class RowIdData:
+    """A stand-in for tokenized data: each shard's rows as their own ids (`rows(start, stop)` -> {"row": ids})."""
+
+    fingerprint = FINGERPRINT
+
+    def rows(self, start, stop):
+        return {"row": list(range(start, stop))}

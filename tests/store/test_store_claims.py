@@ -17,7 +17,7 @@ from stages.base import SignalDesc, Stage
 from stages.runner import run_stage
 from store.claims import ClaimedShards, ShardClaims, claim_path
 from store.maintenance import gc, verify
-from tests.helpers.store_helpers import FINGERPRINT, make_store
+from tests.helpers.store_helpers import RowIdData, make_store
 
 
 def _sig(tmp_path):
@@ -123,19 +123,12 @@ class Slow(Stage):
         return np.asarray(rows["row"], dtype=np.float32)
 
 
-class Rows:
-    fingerprint = FINGERPRINT
-
-    def rows(self, start, stop):
-        return {"row": list(range(start, stop))}
-
-
 def test_two_jobs_on_one_store_compute_each_shard_once(tmp_path):
     st = make_store(tmp_path / "s", num_rows=40, shard_rows=4)
     results = []
 
     def job():
-        results.append(run_stage(Slow(), Rows(), st, RunnerArgs(scheduler="inline"), progress=False))
+        results.append(run_stage(Slow(), RowIdData(), st, RunnerArgs(scheduler="inline"), progress=False))
 
     threads = [threading.Thread(target=job) for _ in range(2)]
     for t in threads:

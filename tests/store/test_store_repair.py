@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,13 +80,20 @@ def test_an_empty_record_names_its_missing_fields(store3):
         sigs["emb"].record(0)
 
 
-def test_verify_reports_every_problem_and_never_stops_at_the_first(store3):
-    st, sigs = store3
+def _damage_four(sigs) -> Path:
+    """A truncated record (emb 0), an empty one (loss 2), a garbled signal header (grads) and flipped shard
+    bytes (loss 0, whose record stays intact); returns that shard's data file."""
     os.truncate(_record(sigs["emb"], 0), 60)
     _record(sigs["loss"], 2).write_text("{}")
     (sigs["grads"].dir / "signal.json").write_bytes(b"\x00")
     chunk = sigs["loss"].chunk_path(0, sigs["loss"].record(0).slot)
     chunk.write_bytes(bytes(b ^ 0xFF for b in chunk.read_bytes()))
+    return chunk
+
+
+def test_verify_reports_every_problem_and_never_stops_at_the_first(store3):
+    st, sigs = store3
+    _damage_four(sigs)
     report = verify_path(st.root)
     assert sorted(p.split(":")[0] for p in report.problems) == sorted([
         f"signal emb ({sigs['emb'].key}) shard 0", f"signal loss ({sigs['loss'].key}) shard 0",
@@ -95,11 +103,7 @@ def test_verify_reports_every_problem_and_never_stops_at_the_first(store3):
 
 def test_repair_quarantines_what_verify_found_and_exactly_those_shards_become_missing(store3):
     st, sigs = store3
-    os.truncate(_record(sigs["emb"], 0), 60)
-    _record(sigs["loss"], 2).write_text("{}")
-    (sigs["grads"].dir / "signal.json").write_bytes(b"\x00")
-    chunk = sigs["loss"].chunk_path(0, sigs["loss"].record(0).slot)
-    chunk.write_bytes(bytes(b ^ 0xFF for b in chunk.read_bytes()))
+    chunk = _damage_four(sigs)
     before = {p: _digest(p) for p in (_record(sigs["emb"], 0), _record(sigs["loss"], 2), chunk,
                                        sigs["grads"].dir / "signal.json", _record(sigs["loss"], 0))}
     result = cli("repair", str(st.root))

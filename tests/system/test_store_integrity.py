@@ -22,7 +22,7 @@ from store.errors import CorruptShard
 from store.maintenance import verify
 from store.store import Store
 from tests.helpers.run_fixtures import make_run_dir
-from tests.helpers.store_helpers import FINGERPRINT, fill, make_store
+from tests.helpers.store_helpers import RowIdData, fill, make_store
 
 
 def damage(sig, shard: int, row: int = 0) -> None:
@@ -112,21 +112,14 @@ class RowIds(Stage):
         return np.asarray(rows["row"], dtype=np.float32)
 
 
-class Rows:
-    fingerprint = FINGERPRINT
-
-    def rows(self, start, stop):
-        return {"row": list(range(start, stop))}
-
-
 def test_run_stage_recomputes_a_damaged_shard_instead_of_counting_it_reused(tmp_path):
     st = make_store(tmp_path / "s", num_rows=10, shard_rows=4)
-    first = run_stage(RowIds(), Rows(), st, RunnerArgs(scheduler="inline"), progress=False)
+    first = run_stage(RowIds(), RowIdData(), st, RunnerArgs(scheduler="inline"), progress=False)
     assert first.computed == [0, 1, 2]
     sig = st.find("ids")[0]
     damage(sig, 1)
     integrity.forget_all()  # a new `stage all` process
-    again = run_stage(RowIds(), Rows(), st, RunnerArgs(scheduler="inline"), progress=False)
+    again = run_stage(RowIds(), RowIdData(), st, RunnerArgs(scheduler="inline"), progress=False)
     assert again.computed == [1] and again.damaged == [1] and again.skipped == 2
     assert "1 of them committed but damaged: 1" in again.summary()
     assert np.array_equal(sig.read_all(), np.arange(10, dtype=np.float32)) and verify(st).ok
@@ -199,9 +192,9 @@ def test_a_live_refresh_recomputes_a_damaged_shard_of_the_runs_copy(tmp_path, mo
     monkeypatch.setattr(Refresher, "_recompute", recompute)
     monkeypatch.setattr(Refresher, "_state_for", lambda self, stage: {})
     refresher = Refresher(model=None, tokenizer=None, max_staleness=100, run_id="r1")
-    refresher.refresh(RowIds(), Rows(), st, step=0)
+    refresher.refresh(RowIds(), RowIdData(), st, step=0)
     damage(run_signal(RowIds(), st, "r1"), 2)
     integrity.forget_all()
-    info, sig = refresher.refresh(RowIds(), Rows(), st, step=4)
+    info, sig = refresher.refresh(RowIds(), RowIdData(), st, step=4)
     assert recomputed == [[0, 1, 2], [2]] and info["stale"] == 1
     assert np.array_equal(sig.read_all(), np.arange(10, dtype=np.float32))
