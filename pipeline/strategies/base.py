@@ -61,6 +61,10 @@ class Strategy:
     family: ClassVar[str] = ""
     name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
+    paper: ClassVar[str] = ""
+    """The method's source: authors, title, venue or arXiv id (empty for a plain baseline)."""
+    rule: ClassVar[str] = ""
+    """One line: what the component decides and how (the component table's `rule` column)."""
 
     def __init__(self, params=None, seed: int = 0):
         self.params = params if params is not None else self.Params()

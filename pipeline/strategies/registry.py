@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 import typing
 
 from stages.values import coerce, did_you_mean
@@ -97,10 +98,16 @@ _BUILTINS = ("selectors", "mixers", "reorders", "weighters")
 
 
 def _load_builtins() -> None:
-    """Import the built-in strategy modules (they register themselves)."""
+    """Import the built-in strategy modules (they register themselves): every module of each family's
+    package, so a new component is one new file."""
     for mod in _BUILTINS:
+        name = f"{__package__}.{mod}"
         try:
-            importlib.import_module(f"{__package__}.{mod}")
+            package = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{mod}":
+            if exc.name != name:
                 raise
+            continue
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{name}.{info.name}")
