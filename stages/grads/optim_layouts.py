@@ -52,10 +52,17 @@ def _deepspeed_globals() -> list:
 
 
 def safe_load(path: Path, mmap: bool = False):
-    """torch.load with weights_only=True (plus DeepSpeed's small classes), errors as FlexfeedError."""
+    """torch.load with weights_only=True (plus DeepSpeed's small classes), errors as FlexfeedError.
+
+    A plain PyTorch file loads without them; DeepSpeed (a second of imports) is imported only for a file
+    that pickles one of its classes.
+    """
     try:
-        with torch.serialization.safe_globals(_deepspeed_globals()):
+        try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:
+            with torch.serialization.safe_globals(_deepspeed_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise FlexfeedError(f"cannot read optimizer/checkpoint file {path} safely: {str(err).splitlines()[0]}",
                             hint="the file must be a torch.save of tensors and plain containers") from err
