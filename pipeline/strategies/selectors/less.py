@@ -9,6 +9,7 @@ stages/grads/checkpoint.py). LESS reduces tasks by max.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,13 +85,14 @@ def checkpoint_pairs(ctx, target_signal: str = "grads_sgd", rows: np.ndarray | N
     return pairs
 
 
-def less_scores(ctx, rows: np.ndarray | None = None, task_reduce: str = "max",
-                target_signal: str = "grads_sgd") -> np.ndarray:
-    """LESS score of every train row (or of `rows` only), see the module doc; `target_signal` names
-    the target gradients (`grads_sgd`, or NICE's `grads_nice`)."""
+def task_influence(ctx, rows: np.ndarray | None = None, target_signal: str = "grads_sgd",
+                   tasks_of: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+    """(rows, tasks) influence sum_i lr_i * mean_{z in task} cos(g_i(x), g_i^sgd(z)) of every train row (or of
+    `rows` only) on each target task; `tasks_of(num_targets)` gives (task of each target row, task ids), by
+    default the target's domains (`target_tasks`)."""
     pairs = checkpoint_pairs(ctx, target_signal, rows)
     num_targets = pairs[0][2].shape[0]
-    task_of, tasks = target_tasks(ctx, num_targets)
+    task_of, tasks = (tasks_of or (lambda n: target_tasks(ctx, n)))(num_targets)
     per_task = None
     for lr, g_train, g_target in pairs:
         if g_target.shape[0] != num_targets:
@@ -103,6 +105,14 @@ def less_scores(ctx, rows: np.ndarray | None = None, task_reduce: str = "max",
         contrib = np.concatenate([unit_rows(g[i:i + BLOCK_ROWS]) @ centres for i in range(0, len(g), BLOCK_ROWS)])
         contrib = lr * contrib.astype(np.float64)
         per_task = contrib if per_task is None else per_task + contrib
+    return per_task
+
+
+def less_scores(ctx, rows: np.ndarray | None = None, task_reduce: str = "max",
+                target_signal: str = "grads_sgd") -> np.ndarray:
+    """LESS score of every train row (or of `rows` only), see the module doc; `target_signal` names
+    the target gradients (`grads_sgd`, or NICE's `grads_nice`)."""
+    per_task = task_influence(ctx, rows, target_signal)
     return per_task.max(axis=1) if task_reduce == "max" else per_task.mean(axis=1)
 
 
