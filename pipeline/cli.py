@@ -250,5 +250,17 @@ def report(run_dirs, out_dir, store_paths):
     click.echo(f"report written to {path}")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (sorted keys) instead of text.")
+@one_line_errors
+def components(as_json):
+    """List every registered component by family: aliases, parameters, signals read, paper and rule."""
+    from .components import components as catalog
+    from .components import text_lines
+
+    data = catalog()
+    click.echo(json.dumps(data, indent=1, sort_keys=True) if as_json else "\n".join(text_lines(data)))
+
+
 if __name__ == "__main__":
     main()

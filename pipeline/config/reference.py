@@ -47,7 +47,8 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _type(annotation) -> str:
+def type_text(annotation) -> str:
+    """A field annotation as users read it: a Literal's choices joined by `|`, a class's name, else its text."""
     choices = literal_choices(annotation)
     if choices is not None:
         return " | ".join("None" if c is None else str(c) for c in choices)
@@ -76,7 +77,7 @@ def group_table(cls: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
-        lines.append(f"| `{prefix}{f.name}` | {_cell(_type(hints.get(f.name, f.type)))} | `{_cell(_default(f))}` "
+        lines.append(f"| `{prefix}{f.name}` | {_cell(type_text(hints.get(f.name, f.type)))} | `{_cell(_default(f))}` "
                      f"| {_cell(docs.get(f.name, ''))} |")
     return lines
 

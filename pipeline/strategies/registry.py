@@ -55,6 +55,11 @@ class Registry:
         _load_builtins()
         return sorted(self._classes)
 
+    def aliases(self, name: str) -> list[str]:
+        """The other names a registered component answers to (e.g. DataFlex's), sorted."""
+        _load_builtins()
+        return sorted(alias for alias, target in self._aliases.items() if target == name)
+
     def resolve(self, name: str) -> type:
         """A registered name/alias, or `package.module:Class` (loaded only because the config names it)."""
         _load_builtins()

@@ -11,6 +11,7 @@ draw picks a cluster in proportion to its remaining mass, then a row of it unifo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -32,7 +33,7 @@ class ClusterParams:
     """Target rows per cluster when num_clusters is unset."""
     samples_per_cluster: int = 3
     """Rows scored per cluster at each decision (drawn afresh each time)."""
-    score: str = "grads"
+    score: Literal["grads", "loss"] = "grads"
     """`grads` (LESS cosine to the target gradients) or `loss` (current loss, higher preferred)."""
     temperature: float = 1.0
     """Softmax temperature over standardised cluster scores; smaller concentrates on the best clusters."""
