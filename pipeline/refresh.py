@@ -24,6 +24,7 @@ import torch
 
 from stages.args import RunnerArgs
 from stages.base import Stage, bind_live_model
+from stages.derived import check_complete, derive_signal
 from stages.runner import INLINE, existing_signal, run_stage, stage_signal
 from store.errors import CorruptShard, FlexfeedError, StoreError
 from store.faiss_index import load_index
@@ -408,3 +409,23 @@ class StoreSignals:
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         sig = self._signals(name, split)[-1][1]
         return load_index(sig).search(queries, k)
+
+    def derived(self, stage, source: str, split: str = "train") -> np.ndarray:
+        """Derived from the whole of `source` (stages.derived), stored in the split's store (refresh.store's twin when
+        set): rank 0 computes and commits, the other ranks then read it; a read-only store is derived in memory."""
+        sig = self._signals(source, split)[-1][1]
+        store = run_store(self.cfg, self.p, split)
+        if store.read_only:
+            check_complete(sig)
+            values, computed, where = np.asarray(stage.derive(sig.read_all()), dtype=stage.dtype), True, "memory"
+        else:
+            if self.rank == 0:
+                values, computed = derive_signal(stage, sig, store)
+            if self.barrier is not None:
+                self.barrier()
+            if self.rank != 0:
+                values, computed = derive_signal(stage, sig, store)
+            where = "store"
+        self.log.setdefault("derived", {})[f"{stage.name}/{split}"] = {"source": sig.key, "computed": computed,
+                                                                       "in": where}
+        return values

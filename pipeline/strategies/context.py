@@ -25,6 +25,10 @@ class SignalSource(Protocol):
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Inner-product kNN over the split's signal (FAISS): (scores, row ids), each (Q, k)."""
 
+    def derived(self, stage, source: str, split: str = "train") -> np.ndarray:
+        """A signal computed from the whole of signal `source` (`stages.derived.DerivedStage`), one value per row:
+        stored under the source's key and the stage's parameters, computed once and reused."""
+
 
 @dataclass
 class DecisionContext:
@@ -53,6 +57,7 @@ class InMemorySignals:
         self._data = {"train": dict(train or {}), "target": dict(target or {})}
         self._variants = dict(variants or {})  # (name, split) -> [(meta, array)]
         self.rows_read: list[tuple[str, str, np.ndarray]] = []  # what get_rows_all was asked for
+        self._derived: dict[tuple, np.ndarray] = {}  # derived once per stage, as the store keeps them
 
     def get(self, name: str, split: str = "train") -> np.ndarray:
         try:
@@ -75,6 +80,12 @@ class InMemorySignals:
 
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         return exact_search(self.get(name, split), queries, k)
+
+    def derived(self, stage, source: str, split: str = "train") -> np.ndarray:
+        key = (stage, source, split)
+        if key not in self._derived:
+            self._derived[key] = np.asarray(stage.derive(self.get(source, split)))
+        return self._derived[key]
 
 
 def exact_search(values: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

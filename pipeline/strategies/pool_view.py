@@ -33,6 +33,11 @@ class PoolSignals:
         rows = np.asarray(rows, dtype=np.int64)
         return self.base.get_rows_all(name, self.pool[rows] if split == "train" else rows, split)
 
+    def derived(self, stage, source: str, split: str = "train") -> np.ndarray:
+        """Derived from every row of the train set (what the store keys), then sliced to the pool."""
+        values = self.base.derived(stage, source, split)
+        return np.asarray(values)[self.pool] if split == "train" else values
+
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         if split != "train":
             return self.base.search(name, queries, k, split)
