@@ -93,6 +93,10 @@ class DoReMiMixer(Mixer):
     """Online Group DRO over domains: measures every domain, weights losses by alpha, outputs alpha's average."""
 
     Params = DoReMiParams
+    paper = ("Xie et al., DoReMi: Optimizing Data Mixtures Speeds Up Language Model Pretraining, NeurIPS 2023 "
+             "(arXiv 2305.10429)")
+    rule = ("Group DRO: exponentiated gradient on each domain's excess loss over the reference model, smoothed, the "
+            "running average as output; losses weighted alpha over the draw share")
 
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)

@@ -66,6 +66,10 @@ class ODMMixer(Mixer):
     """Updates its policy after every observed batch; proportions() hands out the current policy."""
 
     Params = ODMParams
+    paper = ("Albalak, Pan, Raffel, Wang, Efficient Online Data Mixing For Language Model Pre-Training, "
+             "arXiv 2312.02406 (2023)")
+    rule = ("EXP3 bandit over domains, each rewarded by its own samples' training loss, exploration decaying with "
+            "optimizer steps")
 
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)

@@ -30,6 +30,7 @@ class RandomMixer(Mixer):
     """Draws p ~ Dirichlet(alpha, ..., alpha) from the context's seeded rng at each decision."""
 
     Params = RandomMixParams
+    rule = "fresh Dirichlet proportions at each decision"
 
     def proportions(self, ctx) -> np.ndarray:
         """A new draw; the same on every rank because ctx.rng is seeded identically."""

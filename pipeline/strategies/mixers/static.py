@@ -62,6 +62,7 @@ class StaticMixer(Mixer):
     """Returns the same proportions at every decision."""
 
     Params = StaticParams
+    rule = "fixed proportions: uniform, stratified by domain size, a list, or a domain_weights.json"
 
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)

@@ -232,9 +232,14 @@ class PatternReorder(Reorderer):
                           window_size=self.params.window_size, **self.pattern_args())
 
 
-def _register(name: str, pattern: str, params: type, args, *aliases: str):
+DATA_ORGANIZATION = ("Dai et al., Demystifying Data Organization for Enhanced LLM Training, "
+                     "arXiv 2605.30334 (2026)")
+"""The paper the ordering patterns follow (patterns.py)."""
+
+
+def _register(name: str, pattern: str, params: type, args, rule: str, *aliases: str, paper: str = DATA_ORGANIZATION):
     cls = type(f"{pattern.capitalize()}Reorder", (PatternReorder,),
-               {"Params": params, "pattern": pattern, "pattern_args": args,
+               {"Params": params, "pattern": pattern, "pattern_args": args, "paper": paper, "rule": rule,
                 "__doc__": f"The `{pattern}` curriculum pattern (see patterns.py)."})
     return REORDERS.register(name, *aliases)(cls)
 
@@ -253,10 +258,17 @@ def _sections(self) -> dict:
     return {"layers": p.layers, "num_sections": p.num_sections, "folding_ratio": p.folding_ratio}
 
 
-ShuffleReorder = _register("shuffle", "shuffle", ReorderParams, PatternReorder.pattern_args)
-SortingReorder = _register("sorting", "sorting", ReorderParams, PatternReorder.pattern_args)
-FoldingReorder = _register("folding", "folding", LayeredParams, _layers)
-ZigzagReorder = _register("zigzag", "zigzag", LayeredParams, _layers)
-SegmentReorder = _register("segment", "segment", SegmentParams, _segment)
-StairReorder = _register("stair", "stair", SectionParams, _sections)
-SawReorder = _register("saw", "saw", SectionParams, _sections)
+ShuffleReorder = _register("shuffle", "shuffle", ReorderParams, PatternReorder.pattern_args,
+                           "a seeded permutation; no score read", paper="")
+SortingReorder = _register("sorting", "sorting", ReorderParams, PatternReorder.pattern_args,
+                           "rows ranked by score (`polarity`), served in that order")
+FoldingReorder = _register("folding", "folding", LayeredParams, _layers,
+                           "L sweeps over the score range, one after the other")
+ZigzagReorder = _register("zigzag", "zigzag", LayeredParams, _layers,
+                          "L sweeps over the score range, every other sweep reversed")
+SegmentReorder = _register("segment", "segment", SegmentParams, _segment,
+                           "front and back blocks from chosen ends of the ranking, each part shuffled")
+StairReorder = _register("stair", "stair", SectionParams, _sections,
+                         "sorted, the windows around the S - 1 section boundaries folded")
+SawReorder = _register("saw", "saw", SectionParams, _sections,
+                       "sorted, the windows around the S - 1 section boundaries zigzagged")

@@ -77,6 +77,8 @@ class ClusterSelector(Selector):
     """Scores clusters from a few members each and samples rows cluster by cluster."""
 
     Params = ClusterParams
+    rule = ("k-means on embeddings, LESS gradient (or loss) scores of a few rows per cluster, clusters drawn by "
+            "softmax of their standardised score")
 
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)

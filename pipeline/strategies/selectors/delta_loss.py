@@ -51,6 +51,8 @@ class DeltaLossSelector(Selector):
     """Ranks rows by how their loss changed since a baseline decision."""
 
     Params = DeltaLossParams
+    rule = ("largest loss change since a baseline decision (the first, or a moving window), top fraction plus a "
+            "uniform fill")
 
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)

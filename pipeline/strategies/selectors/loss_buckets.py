@@ -71,6 +71,7 @@ class LossSelector(Selector):
     """Favours rows by their current loss tercile."""
 
     Params = LossParams
+    rule = "high/medium/low-loss terciles of the live loss, a weighted draw from each"
 
     def needs(self) -> list[SignalNeed]:
         """The current model's per-sample loss, recomputed at every decision (forward passes only)."""

@@ -43,6 +43,7 @@ class NearSelector(Selector):
     """Serves the train rows closest to the target samples."""
 
     Params = NearParams
+    rule = "exact kNN of each target sample in embedding space (FAISS), round-robin over targets"
     consume_once = True  # embeddings do not change: every decision would retake the same nearest rows
 
     def needs(self) -> list[SignalNeed]:

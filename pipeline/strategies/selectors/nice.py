@@ -32,4 +32,8 @@ class NiceSelector(LessSelector):
     """Selects the rows whose gradients best align with the targets' reward-weighted policy gradients."""
 
     Params = NiceParams
+    paper = ("Wang et al., NICE Data Selection for Instruction Tuning in LLMs with Non-differentiable Evaluation "
+             "Metric, ICML 2025")
+    rule = ("LESS's rule against policy-gradient target features: reward-weighted gradients of the model's own "
+            "sampled answers")
     target_signal = "grads_nice"

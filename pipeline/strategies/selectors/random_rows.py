@@ -25,6 +25,7 @@ class RandomSelector(Selector):
     """Uniform baseline: every row equally likely."""
 
     Params = RandomParams
+    rule = "uniform rows, without replacement while the train set allows"
 
     def select(self, ctx, num_samples: int) -> Selection:
         """`num_samples` uniform rows (full permutations first when more than N are asked)."""

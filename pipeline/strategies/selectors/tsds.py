@@ -118,6 +118,10 @@ class TsdsSelector(Selector):
     """Draws rows so that the selection resembles the target set without piling onto duplicates."""
 
     Params = TsdsParams
+    paper = ("Liu, Karbasi, Rekatsinas, TSDS: Data Selection for Task-Specific Model Finetuning, NeurIPS 2024 "
+             "(arXiv 2410.11303)")
+    rule = ("kNN-restricted optimal-transport mass to target samples, each keeping 1/M of it, discounted by a KDE "
+            "density among its neighbours; a weighted draw")
 
     def needs(self) -> list[SignalNeed]:
         """Embeddings of train and target rows."""

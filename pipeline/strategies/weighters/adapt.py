@@ -84,6 +84,9 @@ class AdaptWeighter(Weighter):
     """Scores rows once from stored embeddings; weights each batch from its rows' scores."""
 
     Params = AdaptParams
+    paper = ("Zhao et al., Rethinking Data Curation in LLM Training: Online Reweighting Offers Better Generalization "
+             "than Offline Methods (ADAPT), ICLR 2026 (arXiv 2605.05227)")
+    rule = "sigmoid of each row's embedding cosine to the anchor (target) set over a temperature, mean 1 per batch"
 
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)

@@ -80,6 +80,10 @@ class LossWeighter(Weighter):
     """Reweights each batch from its own losses; keeps no state."""
 
     Params = LossWeightParams
+    paper = ("Sow et al., Dynamic Loss-Based Sample Reweighting for Improved Large Language Model Pretraining, ICLR "
+             "2025 (arXiv 2502.06733)")
+    rule = ("the batch's losses normalised to [-delta, delta], a linupper / uniform / quadratic / extremes score, "
+            "softmax with temperature, mean 1")
 
     def weights(self, losses, rows, domains, step: int) -> np.ndarray:
         """Weights (B,) averaging 1 from the normalised losses through the strategy and a softmax."""
