@@ -27,7 +27,7 @@ from stages.base import Stage, bind_live_model
 from stages.derived import check_complete, derive_signal
 from stages.runner import INLINE, existing_signal, run_stage, stage_signal
 from store.errors import CorruptShard, FlexfeedError, StoreError
-from store.faiss_index import load_index
+from store.faiss_index import shared_index
 from store.store import is_read_only
 
 from .config import RunConfig
@@ -408,7 +408,8 @@ class StoreSignals:
 
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         sig = self._signals(name, split)[-1][1]
-        return load_index(sig).search(queries, k)
+        # loaded once per process while the signal is unchanged: a decision that widens k searches it again
+        return shared_index(sig, self.cfg.index.rule()).search(queries, k, nprobe=self.cfg.index.nprobe)
 
     def derived(self, stage, source: str, split: str = "train") -> np.ndarray:
         """Derived from the whole of `source` (stages.derived), stored in the split's store (refresh.store's twin when

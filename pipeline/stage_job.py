@@ -85,12 +85,12 @@ def index_job(cfg: RunConfig, p: Prepared) -> list[RunResult]:
                                      f"{sig.num_shards} shards (run `flexfeed stage embed CONFIG`)"))
                 continue
             t0 = time.perf_counter()
-            index = build_index(sig, flat_max_rows=cfg.index.flat_max_rows)
+            index = build_index(sig, cfg.index.rule())
             seconds = time.perf_counter() - t0
             if not index.built:
                 out.append(RunResult(signal=name, key=sig.key, skipped=1,
                                      note="index up to date, reused (another job built it meanwhile)"))
                 continue
             out.append(RunResult(signal=name, key=sig.key, computed=[0], rows=sig.num_rows, seconds=seconds,
-                                 note=f"built {index.kind} index over {index.num_rows} rows in {seconds:.1f} s"))
+                                 note=f"built {index.describe()} in {seconds:.1f} s"))
     return out
