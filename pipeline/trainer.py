@@ -18,10 +18,14 @@ from transformers import Trainer, TrainerCallback
 from stages.loss import per_sample_loss
 from store.errors import FlexfeedError
 
+from .batch_hidden import BatchHidden
 from .evaluation import present_domains
 from .sampler import PlanSampler
 from .scheduler import Scheduler
 from .state_io import save_state
+
+#: Rows per forward of an evaluation whose per_device_eval_batch_size is 1 (see _batched_per_sample_eval).
+PER_SAMPLE_EVAL_BATCH = 32
 
 
 @dataclass
@@ -30,6 +34,8 @@ class FlexRun:
 
     kind: str
     scheduler: Scheduler | None = None
+    hidden: BatchHidden | None = None
+    """How weighters that read the training forward's hidden states (`reads_batch_hidden`) get them pooled."""
     weight_log: list = field(default_factory=list)
     mix_log: list = field(default_factory=list)
 
@@ -82,6 +88,23 @@ class FlexfeedTrainer(Trainer):
             return None  # as Trainer: the DataLoader's own sequential order, sharded by accelerate
         return SequentialSampler(eval_dataset)
 
+    def _batched_per_sample_eval(self) -> bool:
+        """With one row per evaluation batch the evaluation loss is the mean of per-sample token-mean losses;
+        flexfeed computes that same mean over batches of PER_SAMPLE_EVAL_BATCH rows (one process, loss only)."""
+        args = self.args
+        return args.per_device_eval_batch_size == 1 and args.world_size == 1 and self.compute_metrics is None
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Trainer's loader; batches of PER_SAMPLE_EVAL_BATCH rows where the loss is a per-sample mean anyway."""
+        if not self._batched_per_sample_eval():
+            return super().get_eval_dataloader(eval_dataset)
+        saved = self.args.per_device_eval_batch_size
+        self.args.per_device_eval_batch_size = PER_SAMPLE_EVAL_BATCH
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.per_device_eval_batch_size = saved
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         """Trainer's evaluation, plus `<prefix>_<domain>_loss` (mean per-sample loss) when the set spans domains."""
@@ -124,32 +147,50 @@ class FlexfeedTrainer(Trainer):
             self._observe(mixer, *self._gather(per, rows, domains))
             return (loss, outputs) if return_outputs else loss
         labels = inputs["labels"]
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        readers = [s.strategy for s in weighters if getattr(s.strategy, "reads_batch_hidden", False)]
+        hidden = self.flex.hidden if readers else None
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"},
+                        **({"output_hidden_states": True} if hidden is not None else {}))
         per, _ = per_sample_loss(outputs.logits, labels)
         g_loss, g_rows, g_dom = self._gather(per, rows, domains)
         if mixer is not None:
             self._observe(mixer, g_loss, g_rows, g_dom)
+        if hidden is not None:  # the global batch's pooled hidden states, in the order of g_loss on every rank
+            g_hidden = self.accelerator.gather(hidden.pool(outputs.hidden_states, inputs["attention_mask"]))
+            for strategy in readers:
+                strategy.batch_hidden = g_hidden.cpu().numpy().astype(np.float64)
         w = np.ones_like(g_loss)
+        record = {"step": step}
         for stage in weighters:  # loss-space stages multiply: L = mean_i(prod_k w_i^(k) * l_i)
             wk = np.asarray(stage.strategy.weights(g_loss, g_rows, g_dom, step), dtype=np.float64)
             if wk.shape != g_loss.shape or not np.isfinite(wk).all():
                 raise FlexfeedError(f"weighter {stage.strategy.name!r} returned weights of shape {wk.shape}"
                                     f" for a batch of {g_loss.shape[0]}", "return one finite weight per sample")
             w = w * wk
+            if stage.family == "weight":
+                record.update({f"{stage.strategy.name}/{k}": v for k, v in stage.strategy.batch_log().items()})
         b = per.shape[0]
         rank = self.accelerator.process_index
         local = torch.as_tensor(w[rank * b : (rank + 1) * b], dtype=per.dtype, device=per.device)
         loss = (local * per).mean()
-        self.flex.weight_log.append({"step": step, "weights": w.round(5).tolist(), "losses": g_loss.round(5).tolist()})
+        # effective sample size (sum w)^2 / sum w^2: the batch size under equal weights, 1 when one row counts
+        ess = float(w.sum() ** 2 / max(float(np.square(w).sum()), 1e-300))
+        self.flex.weight_log.append({**record, "weights": w.round(5).tolist(), "losses": g_loss.round(5).tolist(),
+                                     "ess": round(ess, 5)})
         return (loss, outputs) if return_outputs else loss
 
     def _eval_loss(self, model, inputs, domains, return_outputs, num_items_in_batch):
         """Evaluation: Trainer's own, unweighted loss, seen by no strategy; per-sample losses kept by domain
         when evaluation_loop asks (gathered over ranks without the padding rows of the last batch)."""
-        if self._eval_losses is None or domains is None:
+        batched = self._batched_per_sample_eval()
+        if not batched and (self._eval_losses is None or domains is None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         per, _ = per_sample_loss(outputs.logits.detach(), inputs["labels"])
+        if batched:  # Trainer weights each batch's loss by its rows: the mean over rows, as one row a batch
+            loss = per.mean().to(loss.dtype)
+        if self._eval_losses is None or domains is None:
+            return (loss, outputs) if return_outputs else loss
         per, dom = self.accelerator.gather_for_metrics((per.float(), domains.to(per.device)))
         self._eval_losses.append((per.cpu().numpy().astype(np.float64), dom.cpu().numpy()))
         return (loss, outputs) if return_outputs else loss

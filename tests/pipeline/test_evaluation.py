@@ -91,6 +91,27 @@ def test_eval_over_several_domains_logs_each_domain(run_path, tmp_path):
     assert _evals(out)[3] == pytest.approx(expect, rel=1e-5)
 
 
+def test_eval_batch_of_one_is_the_mean_row_loss_computed_in_larger_batches(run_path, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = load_config(run_path, [f"output_dir={out}", "eval_strategy=steps", "eval_steps=3", "max_steps=3",
+                                 "eval_dataset=b,t", "per_device_eval_batch_size=1"])
+    batch_rows = []
+    forward = FlexfeedTrainer.compute_loss
+
+    def counting(self, model, inputs, *args, **kwargs):
+        if not model.training:
+            batch_rows.append(int(inputs["input_ids"].shape[0]))
+        return forward(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(FlexfeedTrainer, "compute_loss", counting)
+    train(cfg)
+    p = prepare(cfg, need_eval=True)
+    sums, counts = _row_losses(_model(cfg, out), p.eval)
+    # one row a batch, as asked: Trainer's eval_loss is the plain mean of each row's token-mean loss
+    assert _evals(out)[3] == pytest.approx(float((sums / counts).mean()), rel=1e-5)
+    assert len(sums) == 30 and batch_rows == [30]  # computed in one forward of 30 rows, not 30 forwards
+
+
 def test_eval_on_each_dataset_evaluates_each_alone(run_path, tmp_path):
     out = tmp_path / "out"
     cfg = load_config(run_path, [f"output_dir={out}", "eval_strategy=steps", "eval_steps=2", "max_steps=2",
