@@ -267,6 +267,22 @@ _CLUSTER = {
     "embedding_layer": CompatKey(target="embed.layer", reason="the embed stage's pooled layer"),
 }
 
+_HIDDEN = "the hidden-layer features are an offline stage (section hidden:)"
+_COINCIDE = {
+    "seed": CompatKey(target="flex.component_seed", reason="the k-means seed (the clustering is stored under it)"),
+    "embedding_model_name_or_path": CompatKey(target="hidden.model_name_or_path", reason=_HIDDEN),
+    "embedding_layers": CompatKey(target="hidden.layers", reason=_HIDDEN),
+    "embedding_model_dtype": CompatKey(reason="the hidden stage loads the model with the run's torch_dtype"),
+    "clustering_batch_size": CompatKey(target="hidden.batch_size", reason=_HIDDEN),
+    "clustering_num_workers": CompatKey(reason="the hidden stage batches tokenized rows in process; it has no "
+                                               "DataLoader workers"),
+    "clustering_device": CompatKey(reason="k-means runs once per clustering with FAISS on the CPU, then is stored"),
+    "clustering_max_iter": CompatKey(target="component_args.kmeans_iters", reason="k-means iterations"),
+    "assignment_chunk_size": CompatKey(reason="FAISS assigns every row in one search"),
+    "density_chunk_size": CompatKey(reason="densities and MMD kernels are computed one cluster at a time"),
+}
+"""DataFlex's coincide parameters: its features come from the `hidden` stage here, its clustering from the store."""
+
 
 def _local_judge() -> tuple[str, str]:
     """What DataFlex's `local_vllm` judge runs on here: (backend, why), vllm with a GPU, else transformers."""
@@ -351,6 +367,7 @@ DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
             "save_interval": CompatKey(reason="the store commits each shard as soon as it is written"),
         },
         "less": dict(_GRADS),
+        "icons": dict(_GRADS),
         "nice": dict(_NICE),
         "cluster_less": {**_GRADS, **_CLUSTER},
         "cluster": {**_GRADS, **_CLUSTER},
@@ -367,6 +384,7 @@ DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
             "indices_path": CompatKey(reason="flexfeed searches a FAISS index over the store's embeddings"),
         },
         "random": {"seed": CompatKey(target="flex.component_seed", reason="the component's seed")},
+        "coincide": dict(_COINCIDE),
     },
     "mixers": {
         "*": {"cache_dir": CompatKey(reason=_STORE)},
