@@ -28,7 +28,9 @@ clock, process start and model load included, the same for both sides):
 
 Each side's selected rows per domain are read from its own records (DataFlex's step_N.json selections,
 flexfeed's decisions file). Targets: speedup (DataFlex less / flexfeed less) >= 20, speedup_warm
-(DataFlex less / flexfeed warm) >= 100; the bench exits 1 naming a missed one. The last line printed is
+(DataFlex less / flexfeed warm) >= 100; the bench exits 1 naming a missed one. It also times a process that
+only starts Python and imports flexfeed's training modules (`speedup_ceiling`: DataFlex less over that floor,
+the most any flexfeed process could reach at this size). The last line printed is
 the JSON summary.
 """
 
@@ -241,12 +243,19 @@ def main() -> None:
     warm_decisions = flexfeed_decisions(saves / "runs" / "flexfeed_less_warm")
     flexfeed_rows, warm_rows = selected(less_decisions), selected(warm_decisions)
 
+    # the floor of any `flexfeed train` process: start Python and import what a LoRA run imports, nothing else
+    floor_s = timed([sys.executable, "-c", "import pipeline.train, transformers.trainer"], home, flexfeed_env,
+                    logs / "import_floor.log")
+    print(f"flexfeed import floor: {floor_s:.1f} s", flush=True)
+
     speedup = times["dataflex_less"] / times["flexfeed_less"]
     static_speedup = times["dataflex_static"] / times["flexfeed_static"]
     speedup_warm = times["dataflex_less"] / times["flexfeed_less_warm"]
     print(f"less: DataFlex {times['dataflex_less']:.1f} s, flexfeed {times['flexfeed_less']:.1f} s (every row "
           f"refreshed at each decision) = {speedup:.1f}x (target >= {SPEEDUP_TARGET:g}); flexfeed warm store, "
           f"no refresh {times['flexfeed_less_warm']:.1f} s = {speedup_warm:.1f}x (target >= {SPEEDUP_WARM_TARGET:g})")
+    print(f"no flexfeed process can beat {times['dataflex_less'] / floor_s:.1f}x: starting Python and importing "
+          f"its training modules alone takes {floor_s:.1f} s")
     print(f"static: DataFlex {times['dataflex_static']:.1f} s, flexfeed {times['flexfeed_static']:.1f} s = "
           f"{static_speedup:.2f}x")
     print(f"selected rows per domain at each decision: DataFlex {dataflex_rows}, flexfeed {flexfeed_rows}, "
@@ -268,6 +277,8 @@ def main() -> None:
         "speedup": round(speedup, 2),
         "static_speedup": round(static_speedup, 3),
         "speedup_warm": round(speedup_warm, 2),
+        "flexfeed_import_floor_s": round(floor_s, 2),
+        "speedup_ceiling": round(times["dataflex_less"] / floor_s, 1),
         "dataflex_selected_per_domain": dataflex_rows,
         "flexfeed_selected_per_domain": flexfeed_rows,
         "flexfeed_warm_selected_per_domain": warm_rows,
