@@ -21,6 +21,7 @@ from stages.models import hub_access, load_model
 from store.errors import FlexfeedError
 from store.hashing import stable_hash
 
+from .batch_hidden import batch_hidden_of
 from .config import RunConfig, to_training_arguments
 from .decision_context import DecisionContexts, new_run_id
 from .evaluation import eval_callbacks, eval_dataset_for
@@ -161,6 +162,7 @@ def build_flex_run(cfg: RunConfig, args, p: Prepared) -> tuple[FlexRun, Decision
     if not stages:
         return FlexRun(kind), None
     component = ", ".join(f"{s.family}:{s.strategy.name}" for s in stages) if kind == "plan" else str(cfg.flex.component)
+    hidden = batch_hidden_of(cfg, [s.strategy for s in stages])
     routes = plan_routes(cfg, plan_needs(stages), component)
     windows = Windows(global_batch=global_batch_of(args), max_steps=args.max_steps, warmup_step=cfg.flex.warmup_step,
                       update_step=cfg.flex.update_step, update_times=cfg.flex.update_times)
@@ -170,7 +172,7 @@ def build_flex_run(cfg: RunConfig, args, p: Prepared) -> tuple[FlexRun, Decision
     scheduler = Scheduler(kind=kind, stages=stages, windows=windows, domain_ids=domain_ids,
                           domain_names=p.train.domain_names, seed=args.seed, make_context=contexts,
                           init_proportions=init_p, run_id=new_run_id())
-    return FlexRun(kind, scheduler=scheduler), contexts
+    return FlexRun(kind, scheduler=scheduler, hidden=hidden), contexts
 
 
 def resume_point(cfg: RunConfig, args, flex: FlexRun) -> str | None:

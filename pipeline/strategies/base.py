@@ -137,12 +137,22 @@ class Weighter(Strategy):
 
     family = "weight"
 
+    #: The weighter reads each batch's pooled hidden states from the training forward (the `embed:` section's
+    #: layer and pooling): the trainer then sets `batch_hidden` (B, d), rows in the order of the losses, before
+    #: each weights() call.
+    reads_batch_hidden: ClassVar[bool] = False
+    batch_hidden: np.ndarray | None = None
+
     def update(self, ctx) -> None:
         """Called at decision steps (e.g. to read embeddings); default nothing."""
 
     def weights(self, losses: np.ndarray, rows: np.ndarray, domains: np.ndarray, step: int) -> np.ndarray:
         """Weights (B,) for the global batch's per-sample losses; they average 1."""
         raise NotImplementedError
+
+    def batch_log(self) -> dict:
+        """Numbers about the last weights() call for the weight log (e.g. a solver's iterations); default none."""
+        return {}
 
 
 class Reorderer(Strategy):

@@ -249,3 +249,28 @@ def test_offline_versions_start_at_step_zero_in_the_run(run_cfg, tmp_path):
     assert info["stale"] == 0 and {r.version for r in sig.records().values()} == {0}
     info, sig = refresher.refresh(stage, p.train, p.train_store, 25)
     assert info["stale"] == base.num_shards and {r.version for r in sig.records().values()} == {25}
+
+
+def test_joint_update_aware_weighs_batches_from_the_training_forward(run_cfg, tmp_path):
+    """Alone and after a loss weighter in a plan: target embeddings refreshed at each firing, weights mean 1."""
+    path, _ = run_cfg
+    cfg = load_config(path, [f"output_dir={tmp_path / 'alone'}", "train_type=weight", "component=joint_update_aware",
+                             "component_args.beta=0.5", "component_args.tau=0.02", "warmup_step=4", "update_step=4"])
+    train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "alone" / "flexfeed_weights.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(4, 12))
+    for r in records:
+        w = np.array(r["weights"])
+        assert w.mean() == pytest.approx(1.0, abs=1e-4) and np.ptp(w) > 1e-3
+        assert r["ess"] == pytest.approx(w.sum() ** 2 / (w**2).sum(), rel=1e-4) and r["joint_update_aware/converged"]
+    decisions = [json.loads(x) for x in (tmp_path / "alone" / "flexfeed_decisions.jsonl").read_text().splitlines()]
+    fired = [d for d in decisions if d["decision"]]
+    assert [d["step"] for d in fired] == [4, 8] and all(d["refresh"]["embed/target"]["stale"] for d in fired)
+    plan = ("plan=[{family: select, component: loss, mode: filter, keep_ratio: 0.5}, {family: weight, component: "
+            "loss}, {family: weight, component: joint_update_aware, component_args: {beta: 0.5, tau: 0.02}}]")
+    cfg = load_config(path, [f"output_dir={tmp_path / 'plan'}", "train_type=plan", plan, "warmup_step=4",
+                             "update_step=4"])
+    train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "plan" / "flexfeed_weights.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(4, 12))
+    assert all(r["joint_update_aware/converged"] and np.ptp(r["weights"]) > 1e-3 for r in records)
