@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.components import component_entry
+from pipeline.components_doc import components_markdown
 from pipeline.strategies import FAMILY_REGISTRIES, Registry, Selector
 from pipeline.strategies.reorders.curriculum import LayeredParams, SectionParams
 from pipeline.strategies.selectors.less import LessParams
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "components.md"
 
 # components the anchors ship, by family (a hand list: the catalog may hold more, never fewer)
 SHIPPED = {
@@ -119,3 +123,8 @@ def test_a_component_with_a_required_parameter_is_listed():
         {"name": "path", "type": "str", "required": True, "default": None, "doc": "Where the scores are."},
         {"name": "top", "type": "int", "required": False, "default": 3, "doc": ""}]
     assert e["signals"] is None and e["signals_vary_with"] == ["path"]
+
+
+def test_docs_components_md_is_current():
+    assert DOC.read_text() == components_markdown(), (
+        "docs/components.md is stale: run `python -m pipeline.components_doc > docs/components.md`")
