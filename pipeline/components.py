@@ -80,7 +80,8 @@ def json_value(value):
 
 def signal_entries(registry: Registry, cls: type) -> dict:
     """`signals`: the needs of a default-built instance (None when a parameter is required);
-    `signals_vary_with`: the parameters whose other values change those needs (or the required ones)."""
+    `signals_vary_with`: the parameters whose other values change those needs (each other value of a Literal or
+    bool parameter is tried; a parameter of open range is not), or the required ones."""
     required = [f.name for f in dataclasses.fields(cls.Params)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if required:
