@@ -15,6 +15,7 @@ import numpy as np
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from stages.runner import INLINE
 from store.errors import FlexfeedError
 from store.runs import mark_finished, mark_running
 
@@ -23,6 +24,7 @@ from .live_state import live_adam_state, live_lr
 from .plan import rng_for
 from .prepared import Prepared, run_store
 from .refresh import Refresher, SignalRoute, StoreSignals, ValueCache
+from .shard_scoring import ShardScorer, all_gather_objects
 from .strategies import DecisionContext
 
 
@@ -52,6 +54,7 @@ class DecisionContexts:
         self.domain_ids = prepared.train.domain_ids()
         self.target_domain_ids = prepared.target.domain_ids() if prepared.target is not None else None
         self.cache = ValueCache()  # float32 copies reused across decisions while no shard changes
+        self.scorer: ShardScorer | None = None  # per-row results, split across the ranks (made when bound)
         self.trainer = None
         self.scheduler = None
 
@@ -59,6 +62,10 @@ class DecisionContexts:
         """The Trainer (model, optimizer, ranks) and the scheduler (whose checkpointed run id keys refreshes)."""
         self.trainer = trainer
         self.scheduler = scheduler
+        acc = trainer.accelerator
+        dask = self.cfg.runner.scheduler if self.cfg.runner.scheduler != INLINE else None
+        self.scorer = ShardScorer(rank=acc.process_index, world_size=acc.num_processes, gather=all_gather_objects,
+                                  scheduler=dask)
         if any(r.live for r in self.routes.values()):
             trainer.add_callback(RunCopyMarks(self))
 
@@ -75,7 +82,7 @@ class DecisionContexts:
         acc = self.trainer.accelerator
         source = StoreSignals(self.cfg, self.p, step, self.routes, self._refresher(), cache=self.cache,
                               rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
-                              live_lr=lambda: live_lr(self.trainer))
+                              live_lr=lambda: live_lr(self.trainer), scorer=self.scorer)
         # signals are made ready when a stage first reads them: only the stages that fire pay, and one
         # refresh serves every stage of the decision that reads the same signal
         return DecisionContext(step=step, num_rows=len(self.p.train), domain_ids=self.domain_ids,

@@ -32,8 +32,10 @@ from store.store import is_read_only
 
 from .config import RunConfig
 from .prepared import Prepared, run_store
+from .shard_scoring import ShardScorer
 from .signal_stages import live_stage_for, stages_for
 from .strategies import SignalNeed
+from .strategies.row_maps import RowMap
 
 LOSS_SIGNALS = ("loss", "ref_loss")
 _UNSET = object()
@@ -247,20 +249,32 @@ class Refresher:
 
 
 class ValueCache:
-    """float32 copies of signals, reused while no shard of the signal changes (keyed by state hash)."""
+    """float32 copies of the small signals a strategy reads whole, reused while no shard changes (keyed by state hash).
+
+    Only what `keep` allows is kept for the run: one value per row (losses) and target-split signals. A train
+    signal of (N, d) values is read whole only for the strategy that asks (`get`), then dropped; strategies
+    that score every row of one stream it instead (`map_rows`, whose per-row results the ShardScorer caches).
+    """
 
     def __init__(self):
         self._values: dict[str, tuple[str, np.ndarray]] = {}
 
-    def get(self, sig, name: str) -> np.ndarray:
-        state = sig.state_hash()
+    @staticmethod
+    def keeps(sig, name: str, split: str) -> bool:
+        """Whether a signal's float32 copy is small enough to keep: O(N) values, or the target set's."""
+        return split != "train" or sig.dim is None or name in LOSS_SIGNALS
+
+    def get(self, sig, name: str, split: str) -> np.ndarray:
+        keep = self.keeps(sig, name, split)
+        state = sig.state_hash() if keep else None
         hit = self._values.get(sig.key)
         if hit is not None and hit[0] == state:
             return hit[1]
         arr = sig.read_all().astype(np.float32)
         arr = arr[:, 0].copy() if name in LOSS_SIGNALS else arr
         arr.setflags(write=False)  # shared between decisions: strategies must not modify it
-        self._values[sig.key] = (state, arr)
+        if keep:
+            self._values[sig.key] = (state, arr)
         return arr
 
 
@@ -296,7 +310,7 @@ class StoreSignals:
 
     def __init__(self, cfg: RunConfig, prepared: Prepared, step: int, routes: dict, refresher: Refresher | None = None,
                  cache: ValueCache | None = None, *, rank: int = 0, world_size: int = 1, barrier=None,
-                 live_lr: Callable[[], float] | None = None):
+                 live_lr: Callable[[], float] | None = None, scorer: ShardScorer | None = None):
         self.cfg = cfg
         self.p = prepared
         self.step = step
@@ -305,6 +319,7 @@ class StoreSignals:
         self.routes = routes
         self.refresher = refresher
         self.cache = cache or ValueCache()
+        self.scorer = scorer or ShardScorer()  # per-row results, shard by shard (ranks, Dask), cached for the run
         self.rank, self.world_size, self.barrier = rank, world_size, barrier
         self.live_lr = live_lr
         self.log: dict = {}
@@ -378,16 +393,23 @@ class StoreSignals:
         return self._chosen[key]
 
     def get(self, name: str, split: str = "train") -> np.ndarray:
-        return self.cache.get(self._signals(name, split)[-1][1], name)
+        return self.cache.get(self._signals(name, split)[-1][1], name, split)
 
     def get_all(self, name: str, split: str = "train") -> list[tuple[dict, np.ndarray]]:
-        return [(meta, self.cache.get(sig, name)) for meta, sig in self._signals(name, split)]
+        return [(meta, self.cache.get(sig, name, split)) for meta, sig in self._signals(name, split)]
+
+    def variants(self, name: str, split: str = "train") -> list[tuple[dict, tuple[int, ...]]]:
+        return [(meta, (sig.num_rows, *sig.meta.row_shape)) for meta, sig in self._signals(name, split)]
+
+    def map_rows(self, name: str, fn: RowMap, split: str = "train", variant: int = -1) -> np.ndarray:
+        return self.scorer.map_rows(self._signals(name, split)[variant][1], fn)
 
     def get_rows_all(self, name: str, rows: np.ndarray, split: str = "train") -> list[tuple[dict, np.ndarray]]:
         """Values of the given rows only: read where committed, else computed for those rows alone."""
         route = self._route(name, split)
-        if route.rows != "probe":
-            return [(meta, values[np.asarray(rows)]) for meta, values in self.get_all(name, split)]
+        if route.rows != "probe":  # committed: the rows' shards are read (a kept small signal from the cache)
+            return [(meta, self.cache.get(sig, name, split)[np.asarray(rows)] if self.cache.keeps(sig, name, split)
+                     else sig.read_rows(rows).astype(np.float32)) for meta, sig in self._signals(name, split)]
         data, store = self._split(split)
         rows = np.asarray(rows, dtype=np.int64)
         batch = data.dataset[rows.tolist()]

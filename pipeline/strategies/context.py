@@ -9,6 +9,8 @@ import numpy as np
 
 from store.errors import FlexfeedError
 
+from .row_maps import RowMap, apply_blocks
+
 
 class SignalSource(Protocol):
     """Read access to fresh signals (the trainer backs it with the store; tests with arrays)."""
@@ -21,6 +23,14 @@ class SignalSource(Protocol):
 
     def get_rows_all(self, name: str, rows: np.ndarray, split: str = "train") -> list[tuple[dict, np.ndarray]]:
         """Like get_all, for the given rows only (a `probe` need: only these rows are computed)."""
+
+    def variants(self, name: str, split: str = "train") -> list[tuple[dict, tuple[int, ...]]]:
+        """Metadata and shape of each variant of a signal (as get_all lists them), without reading its values."""
+
+    def map_rows(self, name: str, fn: RowMap, split: str = "train", variant: int = -1) -> np.ndarray:
+        """``fn`` over every row of one variant, block by block: (N, ...) per-row results. The store-backed source
+        streams shards (never the whole signal in memory), splits them across ranks or Dask workers, and caches
+        the results while the signal and the rule are unchanged."""
 
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Inner-product kNN over the split's signal (FAISS): (scores, row ids), each (Q, k)."""
@@ -77,6 +87,12 @@ class InMemorySignals:
         rows = np.asarray(rows, dtype=np.int64)
         self.rows_read.append((name, split, rows.copy()))
         return [(meta, values[rows]) for meta, values in self.get_all(name, split)]
+
+    def variants(self, name: str, split: str = "train") -> list[tuple[dict, tuple[int, ...]]]:
+        return [(meta, np.shape(values)) for meta, values in self.get_all(name, split)]
+
+    def map_rows(self, name: str, fn: RowMap, split: str = "train", variant: int = -1) -> np.ndarray:
+        return apply_blocks(fn, self.get_all(name, split)[variant][1])
 
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         return exact_search(self.get(name, split), queries, k)

@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from .context import DecisionContext, exact_search
+from .row_maps import RowMap
 
 
 class PoolSignals:
@@ -37,6 +38,14 @@ class PoolSignals:
         """Derived from every row of the train set (what the store keys), then sliced to the pool."""
         values = self.base.derived(stage, source, split)
         return np.asarray(values)[self.pool] if split == "train" else values
+
+    def variants(self, name: str, split: str = "train") -> list[tuple[dict, tuple[int, ...]]]:
+        variants = self.base.variants(name, split)
+        return [(m, (self.pool.size, *shape[1:])) for m, shape in variants] if split == "train" else variants
+
+    def map_rows(self, name: str, fn: RowMap, split: str = "train", variant: int = -1) -> np.ndarray:
+        values = self.base.map_rows(name, fn, split, variant)  # per-row results are O(N): slicing them is cheap
+        return values[self.pool] if split == "train" else values
 
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         if split != "train":

@@ -18,12 +18,10 @@ from store.errors import FlexfeedError
 
 from ..base import Selection, Selector, SignalNeed
 from ..registry import SELECTORS
-from .reading import check_rows, target_tasks, unit_rows
+from ..row_maps import UnitProjection, apply_blocks, unit_rows
+from .reading import check_rows, check_shape, target_tasks
 from .sampling import check_count, ranking, take_ranked
 from .summary import selection_info
-
-# Rows normalised at a time: bounds the float32 copy for large train sets.
-BLOCK_ROWS = 65536
 
 
 @dataclass(kw_only=True)
@@ -58,13 +56,14 @@ def checkpoint_weight(meta: dict, num_checkpoints: int) -> float:
 
 
 def checkpoint_pairs(ctx, target_signal: str = "grads_sgd", rows: np.ndarray | None = None,
-                     ) -> list[tuple[float, np.ndarray, np.ndarray]]:
-    """(lr, train features, target features) per checkpoint, paired in the stores' variant order;
-    with `rows`, the train features of those rows only (only they are computed)."""
+                     ) -> list[tuple[float, int | np.ndarray, np.ndarray]]:
+    """(lr, train, target features) per checkpoint, paired in the stores' variant order. `train` is the index of
+    the train variant, whose rows are streamed by the signal source (`map_rows`) and never held whole; with
+    `rows`, the train features of those rows only (only they are computed)."""
     if rows is None:
-        train = ctx.signals.get_all("grads", "train")
+        train = list(enumerate(ctx.signals.variants("grads", "train")))
     else:
-        train = ctx.signals.get_rows_all("grads", rows, "train")
+        train = list(enumerate(ctx.signals.get_rows_all("grads", rows, "train")))
     target = ctx.signals.get_all(target_signal, "target")
     if not train:
         raise FlexfeedError("signal 'grads' of the train split has no variants", "run the grads stage")
@@ -75,21 +74,34 @@ def checkpoint_pairs(ctx, target_signal: str = "grads_sgd", rows: np.ndarray | N
                             f"{len(target)}",
                             "compute target gradients at the same checkpoints as the train gradients")
     pairs = []
-    for (meta, g_train), (_, g_target) in zip(train, target):
-        g_train = check_rows(np.asarray(g_train), "grads", ctx.num_rows if rows is None else len(rows), 2)
+    for (variant, (meta, g_train)), (_, g_target) in zip(train, target):
+        if rows is None:
+            shape = check_shape(tuple(g_train), "grads", ctx.num_rows, 2)
+        else:
+            g_train = check_rows(np.asarray(g_train), "grads", len(rows), 2)
+            shape = g_train.shape
         g_target = np.asarray(g_target)
-        if g_target.ndim != 2 or g_target.shape[1] != g_train.shape[1]:
-            raise FlexfeedError(f"target {target_signal!r} has shape {g_target.shape}, train 'grads' {g_train.shape}",
+        if g_target.ndim != 2 or g_target.shape[1] != shape[1]:
+            raise FlexfeedError(f"target {target_signal!r} has shape {g_target.shape}, train 'grads' {shape}",
                                 "use the same projection (proj_dim and seed) for train and target gradients")
-        pairs.append((checkpoint_weight(meta, len(train)), g_train, g_target))
+        pairs.append((checkpoint_weight(meta, len(train)), variant if rows is None else g_train, g_target))
     return pairs
+
+
+def task_centres(g_target: np.ndarray, task_of: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+    """(d, tasks) mean unit target gradient of each task: the mean cosine over a task's targets is the cosine
+    with this vector's direction scaled by its length, so one product per train row scores every task."""
+    t = unit_rows(g_target)
+    return np.stack([t[task_of == task].mean(axis=0) for task in tasks], axis=1)
 
 
 def task_influence(ctx, rows: np.ndarray | None = None, target_signal: str = "grads_sgd",
                    tasks_of: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """(rows, tasks) influence sum_i lr_i * mean_{z in task} cos(g_i(x), g_i^sgd(z)) of every train row (or of
     `rows` only) on each target task; `tasks_of(num_targets)` gives (task of each target row, task ids), by
-    default the target's domains (`target_tasks`)."""
+    default the target's domains (`target_tasks`). Every row's influence is scored checkpoint by checkpoint,
+    shard by shard (`ctx.signals.map_rows`): memory holds one checkpoint's target features and the
+    (N, tasks) sums, never the train features."""
     pairs = checkpoint_pairs(ctx, target_signal, rows)
     num_targets = pairs[0][2].shape[0]
     task_of, tasks = (tasks_of or (lambda n: target_tasks(ctx, n)))(num_targets)
@@ -98,12 +110,11 @@ def task_influence(ctx, rows: np.ndarray | None = None, target_signal: str = "gr
         if g_target.shape[0] != num_targets:
             raise FlexfeedError("target gradient variants have different row counts",
                                 "compute every checkpoint's target gradients over the same target set")
-        t = unit_rows(g_target)
-        # The mean cosine over a task's targets is the cosine sum with the task's mean unit vector.
-        centres = np.stack([t[task_of == task].mean(axis=0) for task in tasks], axis=1)
-        g = g_train
-        contrib = np.concatenate([unit_rows(g[i:i + BLOCK_ROWS]) @ centres for i in range(0, len(g), BLOCK_ROWS)])
-        contrib = lr * contrib.astype(np.float64)
+        rule = UnitProjection(task_centres(g_target, task_of, tasks))
+        if isinstance(g_train, np.ndarray):
+            contrib = lr * apply_blocks(rule, g_train)
+        else:
+            contrib = lr * np.asarray(ctx.signals.map_rows("grads", rule, "train", variant=g_train))
         per_task = contrib if per_task is None else per_task + contrib
     return per_task
 

@@ -6,6 +6,8 @@ import numpy as np
 
 from store.errors import FlexfeedError
 
+from ..row_maps import unit_rows  # noqa: F401 (selectors normalise rows with the rule streamed scoring uses)
+
 
 def train_signal(ctx, name: str, ndim: int) -> np.ndarray:
     """A train-split signal with one row per train row, checked for shape."""
@@ -15,18 +17,17 @@ def train_signal(ctx, name: str, ndim: int) -> np.ndarray:
 
 def check_rows(values: np.ndarray, name: str, num_rows: int, ndim: int) -> np.ndarray:
     """Refuse a signal whose row count or rank is not what the selector reads."""
-    if values.ndim != ndim or values.shape[0] != num_rows:
-        want = f"({num_rows},)" if ndim == 1 else f"({num_rows}, d)"
-        raise FlexfeedError(f"signal {name!r} has shape {values.shape}, the selector needs {want}",
-                            f"recompute {name!r} for this train set (store info shows what it holds)")
+    check_shape(values.shape, name, num_rows, ndim)
     return values
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); all-zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
+def check_shape(shape: tuple[int, ...], name: str, num_rows: int, ndim: int) -> tuple[int, ...]:
+    """Refuse a signal shape (read or streamed) whose row count or rank is not what the selector reads."""
+    if len(shape) != ndim or shape[0] != num_rows:
+        want = f"({num_rows},)" if ndim == 1 else f"({num_rows}, d)"
+        raise FlexfeedError(f"signal {name!r} has shape {shape}, the selector needs {want}",
+                            f"recompute {name!r} for this train set (store info shows what it holds)")
+    return shape
 
 
 def target_tasks(ctx, num_targets: int) -> tuple[np.ndarray, np.ndarray]:

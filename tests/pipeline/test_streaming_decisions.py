@@ -1,0 +1,105 @@
+"""Decisions that stream a stored signal shard by shard: the same scores as the whole arrays, per-row results cached."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.refresh import StoreSignals
+from pipeline.shard_scoring import ShardScorer, rank_shards
+from pipeline.strategies import SELECTORS, InMemorySignals
+from pipeline.strategies.row_maps import UnitProjection
+from pipeline.strategies.selectors.less import less_scores
+from store.errors import FlexfeedError
+from tests.helpers.store_helpers import fill, make_store
+
+ROWS, SHARD_ROWS, DIM, TARGETS = 50, 16, 8, 6  # four shards, the last one of 2 rows
+LRS = (2e-4, 5e-5)
+
+
+def store_source(chosen: dict, scorer: ShardScorer | None = None) -> StoreSignals:
+    """The trainer's signal source over signals already made ready (what `prepare` leaves it with)."""
+    source = StoreSignals(None, None, 0, {}, scorer=scorer)
+    source._chosen.update(chosen)
+    return source
+
+
+@pytest.fixture
+def less_store(tmp_path):
+    """Two checkpoints of float16 train and target gradients in a store: (signals, train arrays, target arrays)."""
+    train_store = make_store(tmp_path / "train", num_rows=ROWS, shard_rows=SHARD_ROWS)
+    target_store = make_store(tmp_path / "target", num_rows=TARGETS, shard_rows=SHARD_ROWS)
+    chosen = {("grads", "train"): [], ("grads_sgd", "target"): []}
+    train, target = [], []
+    for i, lr in enumerate(LRS):
+        meta = {"lr": lr, "checkpoint": {"step": 10 * (i + 1), "lr": lr}}
+        sig = train_store.signal("grads", {"checkpoint": i}, dtype="float16", dim=DIM)
+        train.append(fill(sig, seed=i))
+        tsig = target_store.signal("grads_sgd", {"checkpoint": i}, dtype="float16", dim=DIM)
+        target.append(fill(tsig, seed=10 + i))
+        chosen[("grads", "train")].append((meta, sig))
+        chosen[("grads_sgd", "target")].append((meta, tsig))
+    return chosen, train, target
+
+
+def expected_less(train, target, task_of) -> np.ndarray:
+    """LESS by hand over whole float32 arrays: sum_i lr_i * mean_{z in task} cos(g_i(x), g_i(z)), max over tasks."""
+    total = 0.0
+    for lr, g, t in zip(LRS, train, target):
+        g = g.astype(np.float32) / np.linalg.norm(g.astype(np.float32), axis=1, keepdims=True)
+        t = t.astype(np.float32) / np.linalg.norm(t.astype(np.float32), axis=1, keepdims=True)
+        cos = (g @ t.T).astype(np.float64)  # (rows, targets)
+        total = total + lr * np.stack([cos[:, task_of == k].mean(axis=1) for k in np.unique(task_of)], axis=1)
+    return total.max(axis=1)
+
+
+def test_less_streamed_from_the_store_scores_as_the_whole_arrays(less_store, make_ctx):
+    chosen, train, target = less_store
+    task_of = np.array([0, 1, 0, 1, 1, 0])
+    source = store_source(chosen, ShardScorer(block_rows=5))  # blocks cross no shard edge, shards several blocks
+    ctx = make_ctx(ROWS, signals=source, target_domain_ids=task_of)
+    streamed = less_scores(ctx)
+    want = expected_less(train, target, task_of)
+    np.testing.assert_allclose(streamed, want, rtol=1e-5, atol=1e-10)  # float32 cosines times lr ~1e-4
+    assert list(np.argsort(-streamed, kind="stable")) == list(np.argsort(-want, kind="stable"))
+    whole = InMemorySignals(variants={k: [(m, s.read_all()) for m, s in v] for k, v in chosen.items()})
+    np.testing.assert_allclose(less_scores(make_ctx(ROWS, signals=whole, target_domain_ids=task_of)), streamed,
+                               rtol=1e-6)
+    # the selector ranks the streamed scores; no train signal was kept whole for the run
+    res = SELECTORS.build("less").select(make_ctx(ROWS, signals=source, target_domain_ids=task_of), 7)
+    assert list(res.indices) == list(np.argsort(-want, kind="stable")[:7])
+    assert not any(sig.key in source.cache._values for _, sig in chosen[("grads", "train")])
+
+
+def test_per_row_results_are_reused_until_a_shard_changes(less_store, make_ctx, monkeypatch):
+    chosen, train, target = less_store
+    scorer = ShardScorer()
+    reads: list[int] = []
+    real = ShardScorer._here
+    monkeypatch.setattr(ShardScorer, "_here", lambda self, sig, fn, shards: reads.append(len(shards)) or
+                        real(self, sig, fn, shards))
+    task_of = np.zeros(TARGETS, dtype=np.int64)
+    first = less_scores(make_ctx(ROWS, signals=store_source(chosen, scorer), target_domain_ids=task_of))
+    assert reads == [4, 4]  # every shard of each checkpoint, once
+    again = less_scores(make_ctx(ROWS, signals=store_source(chosen, scorer), target_domain_ids=task_of))
+    assert reads == [4, 4] and np.array_equal(first, again)  # the next decision reads nothing
+    sig = chosen[("grads", "train")][1][1]
+    new = -train[1][16:32]
+    sig.write_shard(1, new)  # one shard rewritten (into its other slot): that checkpoint is read again
+    train[1] = np.concatenate([train[1][:16], new, train[1][32:]])
+    changed = less_scores(make_ctx(ROWS, signals=store_source(chosen, scorer), target_domain_ids=task_of))
+    assert reads == [4, 4, 4]
+    np.testing.assert_allclose(changed, expected_less(train, target, task_of), rtol=1e-5, atol=1e-10)  # float32 cosines times lr ~1e-4
+
+
+def test_a_rule_over_other_dims_is_refused(less_store):
+    chosen, _, _ = less_store
+    source = store_source(chosen)
+    with pytest.raises(FlexfeedError, match="reads 3"):
+        source.map_rows("grads", UnitProjection(np.ones((3, 1))), "train")
+
+
+def test_rank_shares_cover_every_shard_once_in_order():
+    for shards, world in ((4, 2), (5, 2), (3, 4), (13, 3)):
+        parts = [list(rank_shards(shards, r, world)) for r in range(world)]
+        assert sum(parts, []) == list(range(shards))
