@@ -66,7 +66,24 @@ def load_config(path, overrides: Sequence[str] = (), *, training: bool = True,
         groups["flex"].component_args = load.component_params(groups["flex"])
     for text in load.warnings:
         log.warning(text)
-    return RunConfig(**groups, training=training_kwargs, path=path, warnings=load.warnings)
+    cfg = RunConfig(**groups, training=training_kwargs, path=path, warnings=load.warnings)
+    if validate_component:
+        check_components(cfg)
+    return cfg
+
+
+def check_components(cfg: RunConfig) -> None:
+    """Each configured component's own refusals of the whole config (Strategy.check_config), naming the file."""
+    flex = cfg.flex
+    if flex.train_type == "static":
+        return
+    named = ([(s.family, s.component) for s in flex.plan if s.enabled] if flex.train_type == "plan"
+             else [(flex.train_type, flex.component)])
+    for family, component in named:
+        try:
+            registry_for(family).resolve(component).check_config(cfg)
+        except FlexfeedError as exc:
+            raise FlexfeedError(f"{cfg.path}: {exc.message}" if cfg.path else exc.message, exc.hint) from None
 
 
 class _Load:

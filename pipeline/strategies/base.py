@@ -78,6 +78,11 @@ class Strategy:
         """Refuse inputs the strategy reads from outside the store (e.g. a score file) before training starts;
         `row_field(name)` gives the raw train rows' field `name` in row order. Default: nothing to check."""
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse, when the run config loads, a config the component cannot run under (e.g. no model to compute a
+        signal it reads with); `cfg` is the RunConfig. Default: nothing to check."""
+
     def state_dict(self) -> dict:
         """Everything needed to resume identically (numpy arrays allowed)."""
         return {}
@@ -117,6 +122,11 @@ class Mixer(Strategy):
     def proportions(self, ctx) -> np.ndarray:
         """Domain proportions (K,), non-negative, summing to 1."""
         raise NotImplementedError
+
+    def held_out_rows(self, domain_ids: np.ndarray, num_domains: int) -> np.ndarray:
+        """Train rows the mixer measures the model on at its decisions, kept out of every window (never trained
+        on); a pure function of the domains and the seed, so a resumed run holds out the same rows. Default none."""
+        return np.empty(0, dtype=np.int64)
 
     #: a mixer acting in loss space (per-sample weights) rather than on the window's draw
     loss_space: bool = False
