@@ -17,11 +17,13 @@ ONLINE_OVERHEAD = {"select_over_static": ("<=", 1.10), "refresh_over_pass": ("<=
 PROJECTION = {"kronecker_over_dense_8192": ("<=", 1.15)}
 SELECTION = {"less_wins": (">=", 4), "near_wins": (">=", 4)}
 MIXING = {"doremi_wins": (">=", 4), "odm_wins": (">=", 4)}
+DECISION_SCALE = {"less_400k_peak_rss_mb": ("<=", 1536.0), "rss_growth_25k_to_400k": ("<=", 1.3),
+                  "less_s_per_gb_spread": ("<=", 1.5), "near_1m_later_s": ("<=", 3.0)}
 
 TARGETS: dict[str, dict[str, tuple[str, object]]] = {
     "store_read": STORE_READ, "grads": GRADS, "reuse": REUSE, "stage_scale": STAGE_SCALE,
     "online_overhead": ONLINE_OVERHEAD, "projection": PROJECTION,
-    "selection": SELECTION, "mixing": MIXING,
+    "selection": SELECTION, "mixing": MIXING, "decision_scale": DECISION_SCALE,
 }
 """Benches without an entry here report figures but judge nothing yet (their scripts say what they check)."""
 
