@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.refresh import StoreSignals
+from pipeline.refresh import SignalRoute, StoreSignals
 from pipeline.shard_scoring import ShardScorer, rank_shards
 from pipeline.strategies import SELECTORS, InMemorySignals
 from pipeline.strategies.row_maps import UnitProjection
@@ -103,3 +103,37 @@ def test_rank_shares_cover_every_shard_once_in_order():
     for shards, world in ((4, 2), (5, 2), (3, 4), (13, 3)):
         parts = [list(rank_shards(shards, r, world)) for r in range(world)]
         assert sum(parts, []) == list(range(shards))
+
+
+@pytest.fixture
+def embed_store(tmp_path):
+    """float16 train and target embeddings in stores: (signals, train array, target array)."""
+    train_sig = make_store(tmp_path / "train", num_rows=ROWS, shard_rows=SHARD_ROWS).signal(
+        "embed", {"model": "m"}, dtype="float16", dim=DIM)
+    target_sig = make_store(tmp_path / "target", num_rows=TARGETS, shard_rows=SHARD_ROWS).signal(
+        "embed", {"model": "m"}, dtype="float16", dim=DIM)
+    chosen = {("embed", "train"): [({}, train_sig)], ("embed", "target"): [({}, target_sig)]}
+    return chosen, fill(train_sig, seed=3), fill(target_sig, seed=4)
+
+
+@pytest.mark.parametrize("anchor", ["mean", "max"])
+def test_adapt_streamed_scores_are_the_cosines_to_the_anchors(embed_store, anchor, make_ctx):
+    from pipeline.strategies import WEIGHTERS
+
+    chosen, train, target = embed_store
+    weighter = WEIGHTERS.build("adapt", {"anchor": anchor})
+    weighter.update(make_ctx(ROWS, signals=store_source(chosen, ShardScorer(block_rows=5))))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    cos = unit(train.astype(np.float64)) @ unit(target.astype(np.float64)).T
+    np.testing.assert_allclose(weighter.scores, cos.mean(axis=1) if anchor == "mean" else cos.max(axis=1),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_rows_of_a_stored_signal_are_read_without_the_whole_signal(embed_store, monkeypatch):
+    chosen, train, _ = embed_store
+    source = store_source(chosen)
+    source.routes = {("embed", "train"): SignalRoute("embed", "train", live=False, stages=[])}
+    monkeypatch.setattr(type(chosen[("embed", "train")][0][1]), "read_all", None)  # a whole read would fail
+    rows = np.array([40, 3, 3, 17])
+    ((_, values),) = source.get_rows_all("embed", rows, "train")
+    assert values.dtype == np.float32 and np.array_equal(values, train[rows].astype(np.float32))

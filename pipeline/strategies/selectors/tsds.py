@@ -30,7 +30,7 @@ import numpy as np
 
 from ..base import Selection, Selector, SignalNeed
 from ..registry import SELECTORS
-from .reading import train_signal
+from .reading import check_shape
 from .sampling import check_count, weighted_sample
 from .summary import selection_info
 
@@ -102,9 +102,11 @@ def tsds_probabilities(ctx, params: TsdsParams) -> np.ndarray:
     discount = None
     if params.alpha > 0:
         candidates = np.unique(ids[ids >= 0])
-        emb = train_signal(ctx, "embed", 2)
+        check_shape(tuple(ctx.signals.variants("embed", "train")[-1][1]), "embed", ctx.num_rows, 2)
+        # only the candidates' embeddings are read (their shards, one at a time), never the whole train signal
+        emb = ctx.signals.get_rows_all("embed", candidates, "train")[-1][1]
         kde_k = min(params.kde_neighbors, ctx.num_rows)
-        sims, nbr = ctx.signals.search("embed", np.asarray(emb[candidates], dtype=np.float32), kde_k, "train")
+        sims, nbr = ctx.signals.search("embed", np.asarray(emb, dtype=np.float32), kde_k, "train")
         density = kernel_density(np.asarray(sims), np.asarray(nbr), params.kde_bandwidth)
         discount = np.zeros(ctx.num_rows)
         # Density is at least ~1 (a row is its own neighbour); the floor guards a missing self-match.

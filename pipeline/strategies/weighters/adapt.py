@@ -1,7 +1,7 @@
 """`adapt`: per-sample weights from embedding similarity to an anchor (target) set.
 
-At each decision the weighter reads the `embed` signal of the train rows and of the target split and scores
-every train row:
+At each decision the weighter streams the `embed` signal of the train rows shard by shard (keeping only the
+scores) against the target split's and scores every train row:
 
     anchor: mean   s(x) = mean_a cos(e_x, e_a)  = e_x/|e_x| . mean_a(e_a/|e_a|)   (DataFlex's rule)
     anchor: max    s(x) = max_a cos(e_x, e_a)                                      (nearest anchor)
@@ -25,9 +25,10 @@ from store.errors import FlexfeedError
 
 from ..base import SignalNeed, Weighter
 from ..registry import WEIGHTERS
+from ..row_maps import RowMap, UnitMaxCosine, UnitProjection, apply_blocks, unit_rows
 
 ANCHORS = ("mean", "max")
-CHUNK_ROWS = 4096  # rows per block when taking the max over anchors, to bound memory at CHUNK_ROWS x M
+CHUNK_ROWS = 4096  # rows per block of an in-memory array, to bound memory at CHUNK_ROWS x M
 
 
 @dataclass(kw_only=True)
@@ -53,25 +54,22 @@ class AdaptParams:
             raise FlexfeedError(f"unknown adapt anchor rule {self.anchor!r}", "choose anchor: mean or anchor: max")
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+def anchor_rule(train_shape: tuple[int, ...], target: np.ndarray, anchor: str) -> RowMap:
+    """The per-row rule scoring train rows of ``train_shape`` against the anchor set: mean or max cosine (float64)."""
+    target = np.asarray(target)
+    if len(train_shape) != 2 or target.ndim != 2 or train_shape[1] != target.shape[1] or len(target) == 0:
+        raise FlexfeedError(f"embed signals have shapes {tuple(train_shape)} (train) and {target.shape} (target)",
+                            "embed the train and target splits with the same model and pooling")
+    anchors = unit_rows(target, np.float64)
+    if anchor == "mean":
+        return UnitProjection(anchors.mean(axis=0)[:, None], float64=True)
+    return UnitMaxCosine(anchors)
 
 
 def anchor_scores(train: np.ndarray, target: np.ndarray, anchor: str) -> np.ndarray:
-    """Cosine score of every train row against the anchor set: mean or max over anchors."""
-    if train.ndim != 2 or target.ndim != 2 or train.shape[1] != target.shape[1] or len(target) == 0:
-        raise FlexfeedError(f"embed signals have shapes {train.shape} (train) and {target.shape} (target)",
-                            "embed the train and target splits with the same model and pooling")
-    anchors = unit_rows(np.asarray(target, dtype=np.float64))
-    if anchor == "mean":
-        return unit_rows(np.asarray(train, dtype=np.float64)) @ anchors.mean(axis=0)
-    out = np.empty(len(train))
-    for start in range(0, len(train), CHUNK_ROWS):
-        block = unit_rows(np.asarray(train[start:start + CHUNK_ROWS], dtype=np.float64))
-        out[start:start + len(block)] = (block @ anchors.T).max(axis=1)
-    return out
+    """Cosine score of every row of an in-memory train array against the anchor set: mean or max over anchors."""
+    train = np.asarray(train)
+    return apply_blocks(anchor_rule(train.shape, target, anchor), train, CHUNK_ROWS).reshape(len(train))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -98,12 +96,14 @@ class AdaptWeighter(Weighter):
 
     def update(self, ctx) -> None:
         """Score every train row against the anchors, from the embeddings as they are at this decision."""
-        train = np.asarray(ctx.signals.get("embed", "train"))
+        shape = ctx.signals.variants("embed", "train")[-1][1]
         target = np.asarray(ctx.signals.get("embed", "target"))
-        if len(train) != ctx.num_rows:
-            raise FlexfeedError(f"the train embed signal has {len(train)} rows but the run has {ctx.num_rows}",
+        if shape[0] != ctx.num_rows:
+            raise FlexfeedError(f"the train embed signal has {shape[0]} rows but the run has {ctx.num_rows}",
                                 "recompute embeddings with the embed stage on this run's train data")
-        self.scores = anchor_scores(train, target, self.params.anchor)
+        # streamed shard by shard: only the (N,) scores are kept, never the train embeddings
+        rule = anchor_rule(shape, target, self.params.anchor)
+        self.scores = np.asarray(ctx.signals.map_rows("embed", rule, "train"), dtype=np.float64).reshape(shape[0])
         ctx.log.update({"adapt/score_mean": float(self.scores.mean()), "adapt/score_std": float(self.scores.std())})
 
     def weights(self, losses, rows, domains, step: int) -> np.ndarray:
