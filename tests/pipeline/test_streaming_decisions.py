@@ -137,3 +137,35 @@ def test_rows_of_a_stored_signal_are_read_without_the_whole_signal(embed_store, 
     rows = np.array([40, 3, 3, 17])
     ((_, values),) = source.get_rows_all("embed", rows, "train")
     assert values.dtype == np.float32 and np.array_equal(values, train[rows].astype(np.float32))
+
+
+def test_two_ranks_each_read_half_the_shards_and_gather_the_same_scores(less_store, tmp_path):
+    """Two gloo processes: each reads its contiguous half of the shards; both end with every row's results."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers.store_helpers import REPO, child_env
+
+    chosen, train, _ = less_store
+    sig = chosen[("grads", "train")][0][1]
+    directions = np.random.default_rng(5).normal(size=(DIM, 3))
+    np.save(tmp_path / "dirs.npy", directions)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = REPO / "tests" / "helpers" / "rank_scoring.py"
+    procs = [subprocess.Popen([sys.executable, str(script), str(sig.dir.parents[1]), sig.key,
+                               str(tmp_path / "dirs.npy"), str(tmp_path)],
+                              env=child_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    g = train[0].astype(np.float32)
+    want = (g / np.linalg.norm(g, axis=1, keepdims=True)) @ directions.astype(np.float32)
+    for r in (0, 1):
+        np.testing.assert_allclose(np.load(tmp_path / f"rank{r}.npy"), want, rtol=1e-5, atol=1e-6)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[0, 1], [2, 3]]
+    assert np.array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))  # identical on every rank
