@@ -145,6 +145,9 @@ class Scheduler:
         if init_proportions is None:
             init_proportions = np.full(k, 1.0 / k)
         self.init_proportions = _check_proportions(np.asarray(init_proportions, dtype=np.float64), k, "initial")
+        # rows a mixer measures the model on and never trains on (dynamic_moe); seeded, so not checkpointed
+        held = [s.strategy.held_out_rows(self.domain_ids, k) for s in stages if s.family == "mix"]
+        self.held_out = np.unique(np.concatenate(held)) if held else np.empty(0, dtype=np.int64)
         # state (everything below goes into checkpoints)
         self.run_id = run_id  # keys the run's refreshed signals; a resumed run keeps its own
         self.plans: dict[int, np.ndarray] = {}
@@ -232,10 +235,10 @@ class Scheduler:
         for i, stage in enumerate(self.stages):
             if stage.family != "select" or stage.mode != "filter":
                 continue
-            base = pool if pool is not None else np.arange(self.num_rows)
+            base = pool if pool is not None else self._all_rows()
             if stage in firing:
                 keep = max(1, int(round(stage.keep_ratio * base.size)))
-                sel = stage.strategy.select(pool_context(ctx, pool), keep)
+                sel = stage.strategy.select(pool_context(ctx, None if base.size == self.num_rows else base), keep)
                 self.kept[i] = np.unique(base[_check_rows(sel.indices, base.size, stage.strategy.name)])
                 record.setdefault("filter", []).append({"stage": stage.label, "pool": int(self.kept[i].size),
                                                         "info": _jsonable(sel.info)})
@@ -332,14 +335,19 @@ class Scheduler:
         self.selection_cursor += n
         return selection[local]
 
+    def _all_rows(self) -> np.ndarray:
+        """Every row a window may serve: all but those a mixer holds out."""
+        return np.setdiff1d(np.arange(self.num_rows), self.held_out) if self.held_out.size else np.arange(self.num_rows)
+
     def _pool_rows(self) -> np.ndarray:
-        """The rows later stages see: the filtered pool, or every row."""
-        return self.pool if self.pool is not None else np.arange(self.num_rows)
+        """The rows later stages see: the filtered pool, or every row a window may serve."""
+        return self.pool if self.pool is not None else self._all_rows()
 
     def _budget_uniform(self, w: int, n: int) -> np.ndarray:
-        if self.pool is None:
+        if self.pool is None and not self.held_out.size:
             return permutation_slice(self.num_rows, self.seed, self._offset(w), n)
-        return self.pool[permutation_slice(self.pool.size, self.seed, self._offset(w), n, stream=300)]
+        rows = self._pool_rows()
+        return rows[permutation_slice(rows.size, self.seed, self._offset(w), n, stream=300)]
 
     def _domain_rows(self) -> list[np.ndarray]:
         rows = self._pool_rows()

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from stages.base import Stage
 from stages.embed import EmbedStage
+from stages.gate_load import GateLoadStage
 from stages.grads.nice import NiceTargetStage
 from stages.grads.stage import GradsStage
 from stages.loss import LossStage
@@ -29,6 +30,8 @@ def stages_for(cfg: RunConfig, name: str, split: str) -> list[Stage]:
     cutoff = cfg.data.cutoff_len
     if name == "embed":
         return [EmbedStage(cfg.model, cfg.embed, cutoff_len=cutoff)]
+    if name == "gate_load":  # a forward without gradients, like the loss stage: its batch size
+        return [GateLoadStage(cfg.model, cfg.loss.batch_size, max_length=cutoff)]
     if name in ("loss", "ref_loss"):
         args = cfg.loss if cfg.loss.signal == name else replace(cfg.loss, signal=name)
         if name == "loss" and cfg.loss.signal != "loss":

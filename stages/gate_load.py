@@ -1,0 +1,76 @@
+"""Per-row expert loads of a mixture-of-experts model: how many of the row's tokens each router sends to each expert.
+
+One row of the `gate_load` signal concatenates, over every MoE layer, the token counts of the top-k routing of
+`router_logits` (Hugging Face's Mixtral, Qwen2-MoE, OLMoE with `output_router_logits=True`). Summed over a
+domain's rows and L1-normalised, they are the domain's expert load profile (dynamic_moe's O_d). Each layer
+routes every token to the same number of experts, so the normalised profile weighs every layer alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.args import ModelArgs
+from stages.base import SignalDesc, Stage
+from stages.batching import length_sorted_batches, pad_batch
+from stages.models import load_model, load_tokenizer, model_identity, model_sources, resolve_model_args
+from stages.moe import expert_counts, moe_layout
+from store.errors import FlexfeedError
+
+
+class GateLoadStage(Stage):
+    """Signal `gate_load`: (rows, MoE layers x experts) token counts of the training model's routing."""
+
+    code_version = "gate-load-1"
+
+    def __init__(self, model_args: ModelArgs, batch_size: int = 16, max_length: int = 1024):
+        self.model_args = resolve_model_args(model_args)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        config = json.loads((Path(self.model_args.model_name_or_path) / "config.json").read_text())
+        self.layers, self.experts, self.top_k = moe_layout(config)  # no router: refused here, before training
+        self._identity = None
+        self._model = None
+
+    def identity(self) -> dict:
+        if self._identity is None:
+            self._identity = model_identity(self.model_args)
+        return self._identity
+
+    def signal(self) -> SignalDesc:
+        spec = {"kind": "gate_load", "model": self.identity(), "max_length": self.max_length, "code": self.code_version}
+        return SignalDesc("gate_load", spec, "float32", self.layers * self.experts,
+                          sources=model_sources(self.model_args))
+
+    def model_version(self) -> tuple[int, str]:
+        ident = self.identity()
+        return 0, str(ident.get("adapter") or ident.get("weights") or "")
+
+    def setup(self) -> None:
+        self._tokenizer = load_tokenizer(self.model_args)
+        self._model = load_model(self.model_args, trainable=False)
+        self._model.eval()
+
+    def compute(self, rows: dict[str, list]) -> np.ndarray:
+        if self._model is None:
+            self.setup()
+        ids = [list(r[: self.max_length]) for r in rows["input_ids"]]
+        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        out = np.zeros((len(ids), self.layers * self.experts), dtype=np.float32)
+        with torch.no_grad():
+            for idx in length_sorted_batches([len(r) for r in ids], self.batch_size):
+                batch = pad_batch([ids[i] for i in idx], pad_id=pad_id)
+                result = self._model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     output_router_logits=True)
+                logits = getattr(result, "router_logits", None)
+                if not logits or len(logits) != self.layers:
+                    raise FlexfeedError(
+                        f"the model returned router logits of {0 if not logits else len(logits)} layers, its config "
+                        f"says {self.layers} MoE layers", "use a Hugging Face MoE model that returns router_logits "
+                        "(Mixtral, Qwen2-MoE, OLMoE)")
+                out[idx] = expert_counts(logits, batch["attention_mask"], self.top_k).cpu().numpy()
+        return out
