@@ -9,6 +9,7 @@ from stages.embed import EmbedStage
 from stages.gate_load import GateLoadStage
 from stages.grads.nice import NiceTargetStage
 from stages.grads.stage import GradsStage
+from stages.hidden import HiddenStage
 from stages.loss import LossStage
 from store.errors import FlexfeedError
 
@@ -43,8 +44,10 @@ def stages_for(cfg: RunConfig, name: str, split: str) -> list[Stage]:
         return [grads_stage(cfg, "sgd", ck) for ck in checkpoints_of(cfg)]
     if name == "grads_nice":
         return [NiceTargetStage(cfg.model, cfg.grads, ck) for ck in checkpoints_of(cfg)]
+    if name == "hidden":
+        return [HiddenStage(cfg.model, cfg.hidden, cutoff_len=cutoff)]
     raise FlexfeedError(f"no stage produces signal {name!r}",
-                        "signals are embed, loss, ref_loss, grads, grads_sgd, grads_nice")
+                        "signals are embed, hidden, loss, ref_loss, grads, grads_sgd, grads_nice")
 
 
 def live_stage_for(cfg: RunConfig, name: str, split: str) -> Stage:

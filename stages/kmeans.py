@@ -1,8 +1,13 @@
-"""Seeded spherical k-means with FAISS: cluster ids and unit centroids of unit-norm rows."""
+"""Seeded spherical k-means with FAISS: cluster ids and unit centroids of unit-norm rows, and the stored
+clustering of a signal (a derived signal keyed by the source signal, k and seed)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from stages.derived import DerivedStage
 
 
 def spherical_kmeans(x: np.ndarray, num_clusters: int, *, iters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -20,3 +25,27 @@ def spherical_kmeans(x: np.ndarray, num_clusters: int, *, iters: int, seed: int)
     km.train(x)
     _, assign = km.index.search(x, 1)
     return assign[:, 0].astype(np.int64), np.asarray(km.centroids, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class KMeansClusters(DerivedStage):
+    """Signal `kmeans`: the spherical k-means cluster id of every row of a source signal (float32 ids)."""
+
+    name = "kmeans"
+    code_version = "kmeans-1"
+
+    num_clusters: int | None
+    """k (at most the number of rows); None: ceil(N / cluster_size)."""
+    cluster_size: int
+    """Target rows per cluster when num_clusters is None."""
+    seed: int
+    """Seed of the k-means initialisation."""
+    kmeans_iters: int = 20
+    """k-means iterations."""
+
+    def derive(self, values: np.ndarray) -> np.ndarray:
+        x = np.asarray(values, dtype=np.float32)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        k = self.num_clusters or -(-x.shape[0] // self.cluster_size)
+        assign, _ = spherical_kmeans(x, k, iters=self.kmeans_iters, seed=self.seed)
+        return assign.astype(np.float32)

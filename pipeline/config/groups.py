@@ -2,8 +2,8 @@
 
 Groups are plain keyword-only dataclasses, one per concern, each refusing a bad value of its own fields in
 `__post_init__` (ranges declared with `bounded`, choices typed `Literal`). The stage groups (model, data,
-store, embed, loss, grads, index, runner) live in stages.args because stages take them and may not import
-pipeline. The key tables are built from the dataclasses at call time, so a field added to a group is a
+store, embed, loss, grads, index, runner; hidden in stages.hidden) live in stages because stages take them and may
+not import pipeline. The key tables are built from the dataclasses at call time, so a field added to a group is a
 config key at once.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from stages.args import DataArgs, EmbedArgs, GradsArgs, IndexArgs, LossArgs, ModelArgs, RunnerArgs, StoreArgs
+from stages.hidden import HiddenArgs
 from stages.templates import template_special_tokens
 from stages.values import Range, bounded, check_fields, did_you_mean
 from store.errors import FlexfeedError
@@ -218,7 +219,7 @@ FLAT_GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "store": S
                                 "evaluation": EvalArgs}
 """Groups whose fields are written as top-level keys, in lookup order (TrainingArguments come last)."""
 SECTION_GROUPS: dict[str, type] = {"embed": EmbedArgs, "loss": LossArgs, "grads": GradsArgs, "index": IndexArgs,
-                                   "runner": RunnerArgs, "refresh": RefreshArgs}
+                                   "runner": RunnerArgs, "refresh": RefreshArgs, "hidden": HiddenArgs}
 """Groups written as a nested mapping under their name."""
 
 TRAINING_RANGES: dict[str, Range] = {
@@ -272,6 +273,8 @@ class RunConfig:
     """Which signals are recomputed as the model changes."""
     evaluation: EvalArgs = field(default_factory=EvalArgs)
     """Early stopping on the evaluation set (what is evaluated is the data group's; when, the training keys')."""
+    hidden: HiddenArgs = field(default_factory=HiddenArgs)
+    """Hidden-layer feature stage (coincide)."""
     path: Path | None = None
     """The config file (None for a config built in code)."""
     warnings: list[str] = field(default_factory=list)

@@ -95,7 +95,7 @@ component, an unknown component parameter, malformed YAML (with its line) and du
 
 - **Flat keys** go to the group that has a field of that name: model, data, store, flexfeed, then
   Hugging Face `TrainingArguments`.
-- **Sections** `embed:`, `loss:`, `grads:`, `index:`, `runner:`, `refresh:` are nested mappings.
+- **Sections** `embed:`, `loss:`, `grads:`, `index:`, `runner:`, `refresh:`, `hidden:` are nested mappings.
 - **Paths**: `deepspeed` and `components_cfg_file` are looked up relative to the config file first,
   then the working directory; model, data, store and output paths are used as written (relative to
   the working directory), as in LLaMA-Factory.
