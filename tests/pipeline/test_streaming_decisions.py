@@ -169,3 +169,33 @@ def test_two_ranks_each_read_half_the_shards_and_gather_the_same_scores(less_sto
         np.testing.assert_allclose(np.load(tmp_path / f"rank{r}.npy"), want, rtol=1e-5, atol=1e-6)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[0, 1], [2, 3]]
     assert np.array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))  # identical on every rank
+
+
+def test_dask_workers_score_the_committed_slots_as_in_process(less_store):
+    """Two Dask workers, one task per shard, each reading the slot its commit record names (checksum-checked)."""
+    from distributed import LocalCluster
+
+    from store.errors import CorruptShard
+
+    chosen, train, _ = less_store
+    sig = chosen[("grads", "train")][0][1]
+    sig.write_shard(2, -train[0][32:48])  # rewritten: its values now live in the shard's other slot
+    rule = UnitProjection(np.random.default_rng(6).normal(size=(DIM, 2)))
+    here = ShardScorer(block_rows=5).map_rows(sig, rule)
+    g = np.concatenate([train[0][:32], -train[0][32:48], train[0][48:]]).astype(np.float32)
+    np.testing.assert_allclose(here, (g / np.linalg.norm(g, axis=1, keepdims=True)) @ rule.directions.astype(
+        np.float32), rtol=1e-5, atol=1e-6)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                      worker_dashboard_address=None) as cluster:
+        scorers = [ShardScorer(scheduler=cluster.scheduler_address, block_rows=5) for _ in range(2)]
+        try:
+            assert np.array_equal(scorers[0].map_rows(sig, rule), here)
+            path = sig.chunk_path(1, sig.record(1).slot)
+            data = bytearray(path.read_bytes())
+            data[0] ^= 0xFF  # damage on disk, the commit record unchanged: the workers' first read hashes it
+            path.write_bytes(bytes(data))
+            with pytest.raises(CorruptShard, match="shard 1"):
+                scorers[1].map_rows(sig, rule)
+        finally:
+            for scorer in scorers:
+                scorer.close()
