@@ -185,7 +185,7 @@ def _load(config, overrides, training: bool = True):
 
 @main.group()
 def stage():
-    """Offline stages that fill the signal store (embed, loss, grads, hidden, index, all)."""
+    """Offline stages that fill the signal store (embed, loss, grads, hidden, ngram, index, all)."""
 
 
 def _stage_command(which: str, doc: str):
@@ -213,8 +213,9 @@ for _which, _doc in (
     ("loss", "Per-sample mean token loss and token count (training or reference model)."),
     ("grads", "Projected per-sample LoRA gradient features (Adam-preconditioned for train, SGD for target)."),
     ("hidden", "Pooled features of several hidden layers of a reference model (coincide's `hidden` signal)."),
+    ("ngram", "Hashed word and word-pair counts of each row's text, no model (dsir's `ngram` signal)."),
     ("index", "Build or refresh the FAISS index of a signal."),
-    ("all", "Run embed, loss, grads and hidden (when a component reads them) and index in order."),
+    ("all", "Run embed, loss, grads, hidden and ngram (when a component reads them) and index in order."),
 ):
     _stage_command(_which, _doc)
 

@@ -11,6 +11,7 @@ from stages.grads.nice import NiceTargetStage
 from stages.grads.stage import GradsStage
 from stages.hidden import HiddenStage
 from stages.loss import LossStage
+from stages.ngram import NgramStage
 from store.errors import FlexfeedError
 
 from .config import RunConfig
@@ -44,10 +45,12 @@ def stages_for(cfg: RunConfig, name: str, split: str) -> list[Stage]:
         return [grads_stage(cfg, "sgd", ck) for ck in checkpoints_of(cfg)]
     if name == "grads_nice":
         return [NiceTargetStage(cfg.model, cfg.grads, ck) for ck in checkpoints_of(cfg)]
+    if name == "ngram":  # counts of the text: no model, so no checkpoint or live variant
+        return [NgramStage(cfg.ngram)]
     if name == "hidden":
         return [HiddenStage(cfg.model, cfg.hidden, cutoff_len=cutoff)]
     raise FlexfeedError(f"no stage produces signal {name!r}",
-                        "signals are embed, hidden, loss, ref_loss, grads, grads_sgd, grads_nice")
+                        "signals are embed, hidden, ngram, loss, ref_loss, grads, grads_sgd, grads_nice")
 
 
 def live_stage_for(cfg: RunConfig, name: str, split: str) -> Stage:

@@ -18,7 +18,7 @@ from .scheduler import configured_stages
 from .signal_stages import stages_for
 from .strategies import SignalNeed
 
-STAGES = ("embed", "loss", "grads", "hidden", "index")
+STAGES = ("embed", "loss", "grads", "hidden", "ngram", "index")
 
 
 def run_stage_job(cfg: RunConfig, which: str, *, progress: bool = True, prepared: Prepared | None = None) -> list[RunResult]:
@@ -44,6 +44,12 @@ def run_stage_job(cfg: RunConfig, which: str, *, progress: bool = True, prepared
             for split, data, store in (("train", p.train, p.train_store), ("target", p.target, p.target_store)):
                 if split in splits and data is not None:
                     plan += [(s, data, store) for s in stages_for(cfg, "hidden", split)]
+        elif name == "ngram":  # for a component that reads it (asked for by name: train and target rows)
+            splits = {n.split for n in component_needs(cfg) if n.name == "ngram"} | (
+                {"train", "target"} if which == name else set())
+            for split, data, store in (("train", p.train, p.train_store), ("target", p.target, p.target_store)):
+                if split in splits and data is not None:
+                    plan += [(s, data, store) for s in stages_for(cfg, "ngram", split)]
         elif name == "grads":
             for signal, split in gradient_signals(cfg, everything=which == "grads"):
                 data, store = (p.train, p.train_store) if split == "train" else (p.target, p.target_store)

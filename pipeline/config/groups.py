@@ -2,9 +2,9 @@
 
 Groups are plain keyword-only dataclasses, one per concern, each refusing a bad value of its own fields in
 `__post_init__` (ranges declared with `bounded`, choices typed `Literal`). The stage groups (model, data,
-store, embed, loss, grads, index, runner; hidden in stages.hidden) live in stages because stages take them and may
-not import pipeline. The key tables are built from the dataclasses at call time, so a field added to a group is a
-config key at once.
+store, embed, loss, grads, index, runner; hidden and ngram in their stages' modules) live in stages because
+stages take them and may not import pipeline. The key tables are built from the dataclasses at call time, so a
+field added to a group is a config key at once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Literal
 
 from stages.args import DataArgs, EmbedArgs, GradsArgs, IndexArgs, LossArgs, ModelArgs, RunnerArgs, StoreArgs
 from stages.hidden import HiddenArgs
+from stages.ngram import NgramArgs
 from stages.templates import template_special_tokens
 from stages.values import Range, bounded, check_fields, did_you_mean
 from store.errors import FlexfeedError
@@ -219,7 +220,8 @@ FLAT_GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "store": S
                                 "evaluation": EvalArgs}
 """Groups whose fields are written as top-level keys, in lookup order (TrainingArguments come last)."""
 SECTION_GROUPS: dict[str, type] = {"embed": EmbedArgs, "loss": LossArgs, "grads": GradsArgs, "index": IndexArgs,
-                                   "runner": RunnerArgs, "refresh": RefreshArgs, "hidden": HiddenArgs}
+                                   "runner": RunnerArgs, "refresh": RefreshArgs, "hidden": HiddenArgs,
+                                   "ngram": NgramArgs}
 """Groups written as a nested mapping under their name."""
 
 TRAINING_RANGES: dict[str, Range] = {
@@ -275,6 +277,8 @@ class RunConfig:
     """Early stopping on the evaluation set (what is evaluated is the data group's; when, the training keys')."""
     hidden: HiddenArgs = field(default_factory=HiddenArgs)
     """Hidden-layer feature stage (coincide)."""
+    ngram: NgramArgs = field(default_factory=NgramArgs)
+    """Hashed n-gram count stage (dsir)."""
     path: Path | None = None
     """The config file (None for a config built in code)."""
     warnings: list[str] = field(default_factory=list)

@@ -12,6 +12,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.prepared import prepare
 from pipeline.signal_stages import stages_for
+from pipeline.stage_job import run_stage_job
 from pipeline.state_io import load_state
 from pipeline.strategies.selectors.rho_loss import RhoLossSelector
 from pipeline.train import train
@@ -123,3 +124,31 @@ def test_rho_loss_draws_inside_a_plan(run_cfg, reference, tmp_path):
     _, root = run_cfg
     decided = _plan_run(root, tmp_path / "plan", "rho_loss", *reference)
     assert "ref_loss_mean" in decided[0]["info"]
+
+
+def test_stage_all_counts_ngrams_only_for_a_component_that_reads_them(run_cfg):
+    path, _ = run_cfg
+    assert not [r for r in run_stage_job(load_config(path), "all", progress=False) if r.signal == "ngram"]
+    done = [r for r in run_stage_job(load_config(path, ["train_type=select", "component=dsir"]), "all",
+                                     progress=False) if r.signal == "ngram"]
+    assert len(done) == 2 and sum(len(r.computed) for r in done) == 4 + 1  # 64 train rows, 6 target, 16 a shard
+
+
+def test_dsir_alone_takes_the_largest_importance_weights_of_the_stored_counts(run_cfg, tmp_path):
+    path, _ = run_cfg
+    # 512 buckets: counts the store does not hold yet, computed by the ngram stage when the first decision reads them
+    cfg, first, decided = _select_run(path, tmp_path / "alone", "dsir", "component_args.top_k=true",
+                                      "ngram.num_buckets=512")
+    assert "ngram" in decided[0]["offline_filled"] and "offline_filled" not in decided[1]
+    counts, target = _stored(cfg, "ngram", "train"), _stored(cfg, "ngram", "target")
+    p_raw, p_target = counts.sum(0) / counts.sum(), target.sum(0) / target.sum()
+    logw = counts @ (np.log(p_target + 1e-8) - np.log(p_raw + 1e-8))
+    assert set(first.tolist()) == set(np.argsort(-logw, kind="stable")[:16].tolist())
+    # the target adds numbers like domain a: its rows outweigh domain b's repetitions
+    assert logw[:40].mean() > logw[40:].mean()
+
+
+def test_dsir_resamples_inside_a_plan(run_cfg, tmp_path):
+    _, root = run_cfg
+    decided = _plan_run(root, tmp_path / "plan", "dsir")
+    assert decided[0]["signals"]["ngram/train"][0]["source"] == "offline"
