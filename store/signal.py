@@ -4,7 +4,8 @@ Data layout: a zarr array of shape (num_shards, 2, shard_rows[, d]) chunked (1, 
 so one chunk is one shard in one of two *slots*. A writer fills the slot that is not committed,
 then atomically replaces the shard's commit record to point at it, then deletes the superseded
 slot. A crash at any moment leaves the committed slot untouched; a half-written slot is debris
-that `gc` removes.
+that `gc` removes. A chunk file holds the shard's rows only: a short last shard (a 500-row target
+set) is not padded to ``shard_rows`` (stores written before held it padded; both read alike).
 """
 
 from __future__ import annotations
@@ -249,12 +250,17 @@ class Signal:
         with FileLock(self.lock_path(shard), timeout_s=lock_timeout_s, what=f"shard {shard} of {self.name!r}"):
             old = self.record(shard)
             slot = 0 if old is None else 1 - old.slot
-            full = np.zeros((self.shard_rows, *self.meta.row_shape), dtype=self.dtype)
-            full[: arr.shape[0]] = arr
-            self.array[shard, slot] = full
-            # data (and zarr's rename of it into place) durable before the record points at it
             chunk = self.chunk_path(shard, slot)
-            _fsync_file(chunk)
+            if self._direct:
+                # a plain chunk file is the rows' bytes: a short last shard (a 500-row target set) takes
+                # only its own rows on disk, not a whole shard of zeros; reads take the first `rows` rows
+                # either way, so a padded chunk of an older store reads the same
+                _write_file(chunk, arr)
+            else:
+                full = np.zeros((self.shard_rows, *self.meta.row_shape), dtype=self.dtype)
+                full[: arr.shape[0]] = arr
+                self.array[shard, slot] = full
+                _fsync_file(chunk)  # data (and zarr's rename of it into place) durable before the record
             fsync_dir(chunk.parent)
             record = CommitRecord(
                 shard=int(shard), slot=slot, rows=int(arr.shape[0]), version=int(version), model=str(model),
@@ -411,6 +417,22 @@ def _plain_chunks(array: zarr.Array) -> bool:
         and np.dtype(array.dtype).isnative
         and tuple(array.chunks) == (1, 1, *array.shape[2:])
     )
+
+
+def _write_file(path: Path, values: np.ndarray) -> None:
+    """Replace ``path`` with the C-order bytes of ``values``: temp file, fsync, rename (gc removes a torn temp)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb", buffering=0) as fh:
+            view = memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
+            while view:
+                view = view[fh.write(view):]
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_file(path: Path) -> None:
