@@ -14,6 +14,7 @@ from store.store import Store
 
 from .config import RunConfig
 from .evaluation import split_seed, split_validation
+from .mixer_eval import mixer_eval_domains
 
 
 @dataclass
@@ -31,6 +32,9 @@ class Prepared:
     """With val_size: the training rows' positions in the loaded datasets (the rest are held out)."""
     run_stores: dict = field(default_factory=dict)
     """refresh.store: the stores of the run's refreshed copies, per split, opened at the first refresh."""
+    mixer_eval: TokenizedData | None = None
+    """mixer_eval_dataset's rows: what a mixer measures the model on (split `mixer_eval`), never trained on."""
+    mixer_eval_store: Store | None = None
 
 
 def store_for(cfg: RunConfig, data: TokenizedData) -> Store:
@@ -43,7 +47,8 @@ def store_for(cfg: RunConfig, data: TokenizedData) -> Store:
 def run_store(cfg: RunConfig, p: Prepared, split: str) -> Store:
     """Where a run writes its refreshed copies of a split's signals: the split's store, or (refresh.store) its
     twin under that folder, opened once per run and kept in `p.run_stores`."""
-    data, store = (p.train, p.train_store) if split == "train" else (p.target, p.target_store)
+    data, store = {"train": (p.train, p.train_store), "target": (p.target, p.target_store),
+                   "mixer_eval": (p.mixer_eval, p.mixer_eval_store)}[split]
     if not cfg.refresh.store:
         return store
     if split not in p.run_stores:
@@ -83,5 +88,10 @@ def prepare(cfg: RunConfig, *, need_target: bool = True, need_eval: bool = False
     elif need_eval and cfg.data.eval_dataset:
         same = target is not None and names == list(cfg.data.eval_dataset)
         evaluated = target if same else load_data(cfg.data, tok, list(cfg.data.eval_dataset), hub=hub)
+    mixer_eval = None
+    if cfg.flex.mixer_eval_dataset:
+        mixer_eval = load_data(cfg.data, tok, list(cfg.flex.mixer_eval_dataset), hub=hub)
+        mixer_eval_domains(train, mixer_eval)  # each names a training dataset: refused now otherwise
     return Prepared(tok, train, target, store_for(cfg, train), store_for(cfg, target) if target is not None else None,
-                    eval=evaluated, train_rows=train_rows)
+                    eval=evaluated, train_rows=train_rows, mixer_eval=mixer_eval,
+                    mixer_eval_store=store_for(cfg, mixer_eval) if mixer_eval is not None else None)

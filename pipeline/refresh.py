@@ -332,7 +332,12 @@ class StoreSignals:
             if self.p.target is None:
                 raise FlexfeedError("this component needs a target set", "set `eval_dataset` in the config")
             return self.p.target, self.p.target_store
-        raise FlexfeedError(f"unknown split {split!r}", "use train or target")
+        if split == "mixer_eval":
+            if self.p.mixer_eval is None:
+                raise FlexfeedError("this mixer reads the mixer_eval split, but the run has none",
+                                    "set mixer_eval_dataset in the config")
+            return self.p.mixer_eval, self.p.mixer_eval_store
+        raise FlexfeedError(f"unknown split {split!r}", "use train, target or mixer_eval")
 
     def _route(self, name: str, split: str) -> SignalRoute:
         route = self.routes.get((name, split))

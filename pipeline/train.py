@@ -26,6 +26,7 @@ from .config import RunConfig, to_training_arguments
 from .decision_context import DecisionContexts, new_run_id
 from .evaluation import eval_callbacks, eval_dataset_for
 from .loss_plot import plot_run_losses
+from .mixer_eval import mixer_eval_domains
 from .plan import Windows
 from .prepared import Prepared, prepare, target_names
 from .refresh import plan_routes
@@ -163,6 +164,10 @@ def build_flex_run(cfg: RunConfig, args, p: Prepared) -> tuple[FlexRun, Decision
         return FlexRun(kind), None
     component = ", ".join(f"{s.family}:{s.strategy.name}" for s in stages) if kind == "plan" else str(cfg.flex.component)
     hidden = batch_hidden_of(cfg, [s.strategy for s in stages])
+    if p.mixer_eval is not None:  # before the scheduler: a mixer holds out no rows of a dataset measured apart
+        for stage in stages:
+            if stage.family == "mix":
+                stage.strategy.eval_domains = mixer_eval_domains(p.train, p.mixer_eval)
     routes = plan_routes(cfg, plan_needs(stages), component)
     windows = Windows(global_batch=global_batch_of(args), max_steps=args.max_steps, warmup_step=cfg.flex.warmup_step,
                       update_step=cfg.flex.update_step, update_times=cfg.flex.update_times)

@@ -139,7 +139,7 @@ class FlexArgs:
     init_mixture_proportions: list[float] | None = None
     """One weight per dataset, in `dataset` order, for the mixture rule; normalised to sum to 1."""
     mixer_eval_dataset: list[str] = field(default_factory=list)
-    """Datasets a mixer evaluates on (comma-separated string accepted); default eval_dataset."""
+    """Datasets a mixer measures the model on, never trained on (comma-separated string accepted), each named `<dataset>_eval` after the training dataset it measures (`dynamic_moe`'s expert loads); a training dataset without one has rows held out by the mixer."""
     select_fraction: float | None = bounded(None, low=0, low_open=True, high=1)
     """`select` only: select this share of the train rows (rounded, at least one) at the first decision and train on them for the rest of the run, each row once per pass, reshuffled per pass (LESS: a top fraction selected once); None selects each window's rows at each decision."""
     allow_repeats: bool | None = None

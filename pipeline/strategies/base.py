@@ -23,7 +23,7 @@ class SignalNeed:
     name: str
     """Store signal name: `embed`, `loss`, `ref_loss`, `grads`, `grads_sgd`."""
     split: str = "train"
-    """`train` (the rows being scheduled) or `target` (the eval/target set)."""
+    """`train` (the rows being scheduled), `target` (the eval/target set) or `mixer_eval` (mixer_eval_dataset)."""
     refresh: bool = True
     """Recompute shards older than max_staleness with the current model (False: offline only)."""
     live: bool = False
@@ -115,6 +115,10 @@ class Mixer(Strategy):
     #: Set by the trainer before each observe(): the proportions the observed batch was drawn with
     #: (None outside a trainer). Data loaders fetch ahead, so this can differ from the latest decision.
     drawn_with: np.ndarray | None = None
+
+    #: Set by the run before training when `mixer_eval_dataset` is given: the training-domain index of each row of
+    #: the `mixer_eval` split, for a mixer that measures the model on rows of its own; None otherwise.
+    eval_domains: np.ndarray | None = None
 
     def observe(self, domains: np.ndarray, losses: np.ndarray, rows: np.ndarray, step: int) -> None:
         """Per-sample token-mean losses of one (global) training batch, with each row's domain."""

@@ -102,6 +102,14 @@ def _moe_cfg(tiny_moe, tmp_path, extra):
                                                           "update_step=4", *extra])
 
 
+def _moe_cfg_again(path, out, extra):
+    from pipeline.config import load_config
+
+    return load_config(path, [f"output_dir={out}", "warmup_step=4", "update_step=4", "train_type=mix",
+                                    "component=dynamic_moe", "component_args.eval_rows=6", "component_args.eta=50",
+                                    *extra])
+
+
 def test_a_mix_run_on_a_tiny_moe_never_trains_on_its_held_out_rows(tiny_moe, tmp_path, seen_rows):
     from pipeline.train import train
 
@@ -111,11 +119,25 @@ def test_a_mix_run_on_a_tiny_moe_never_trains_on_its_held_out_rows(tiny_moe, tmp
     decisions = [json.loads(x) for x in (tmp_path / "out" / "flexfeed_decisions.jsonl").read_text().splitlines()]
     fired = [d for d in decisions if d["decision"]]
     assert [d["step"] for d in fired] == [4, 8]
-    assert all(d["dynamic_moe"]["held_out_rows"] == 12 for d in fired)
+    assert all(d["dynamic_moe"]["measured_rows"] == {"a": 6, "b": 6} for d in fired)
     held = MIXERS.build("dynamic_moe", {"eval_rows": 6}, seed=cfg.training["seed"]).held_out_rows(
         np.array([0] * 40 + [1] * 24), 2)
     trained = {r for batch in seen_rows for r in batch}
     assert len(trained) > 30 and not trained & set(held.tolist())
+    # a's own evaluation set (a_eval): only b's rows are held out, a is measured on 6 of a_eval's 8 rows
+    data = tmp_path / "data"
+    (data / "a_eval.json").write_text(json.dumps([{"instruction": f"add {i} and {i + 3}", "input": "",
+                                                   "output": f"{2 * i + 3}"} for i in range(8)]))
+    info = json.loads((data / "dataset_info.json").read_text())
+    (data / "dataset_info.json").write_text(json.dumps({**info, "a_eval": {"file_name": "a_eval.json"}}))
+    seen_rows.clear()
+    cfg = _moe_cfg_again(tmp_path / "cfg.yaml", tmp_path / "own", ["mixer_eval_dataset=a_eval"])
+    train(cfg)
+    decisions = [json.loads(x) for x in (tmp_path / "own" / "flexfeed_decisions.jsonl").read_text().splitlines()]
+    assert [d["dynamic_moe"]["measured_rows"] for d in decisions if d["decision"]] == [{"a": 6, "b": 6}] * 2
+    held_b = held[held >= 40]
+    trained = {r for batch in seen_rows for r in batch}
+    assert not trained & set(held_b.tolist()) and trained & set(held[held < 40].tolist())
     # two domains: Delta is the same for both, so the weights stay at the initial mixture
     assert summary["final_weights"] == pytest.approx({"a": 0.5, "b": 0.5})
 
@@ -130,8 +152,34 @@ def test_dynamic_moe_inside_a_plan_and_refused_on_a_dense_model(tiny_moe, tiny_c
     cfg = _moe_cfg(tiny_moe, tmp_path / "plan", ["train_type=plan", plan])
     train(cfg)
     decisions = [json.loads(x) for x in (tmp_path / "plan" / "out" / "flexfeed_decisions.jsonl").read_text().splitlines()]
-    assert [d["dynamic_moe"]["held_out_rows"] for d in decisions if d["decision"]] == [8, 8]
+    assert [d["dynamic_moe"]["measured_rows"] for d in decisions if d["decision"]] == [{"a": 4, "b": 4}] * 2
     dense = load_config(make_run_dir(tmp_path / "dense", tiny_checkpoint),
                         [f"output_dir={tmp_path / 'dense' / 'out'}", "train_type=mix", "component=dynamic_moe"])
     with pytest.raises(FlexfeedError, match="no mixture-of-experts router"):
         train(dense)
+
+
+def test_a_domain_with_its_own_mixer_evaluation_set_is_measured_there(make_ctx):
+    """Domain 1 has rows of its own (mixer_eval): none of its training rows are held out, its profile is theirs."""
+    domains = np.arange(30) % 3
+    per_domain = np.array([[1.0, 3.0], [0.0, 4.0], [4.0, 0.0]])  # d1's training rows ([0, 4]) must not be read
+    signals = InMemorySignals(train={"gate_load": per_domain[domains]},
+                              variants={("gate_load", "mixer_eval"): [({}, np.array([[4.0, 0.0]] * 5))]})
+    mixer = MIXERS.build("dynamic_moe", {"eta": 1.0, "c": 0.05, "eval_rows": 3}, seed=0)
+    mixer.eval_domains = np.ones(5, dtype=np.int64)
+    held = mixer.held_out_rows(domains, 3)
+    assert held.size == 6 and sorted(set(domains[held])) == [0, 2]
+    w = mixer.proportions(make_ctx(30, signals=signals, domain_ids=domains, num_domains=3))
+    assert [(name, split, rows.size) for name, split, rows in signals.rows_read] == [
+        ("gate_load", "train", 6), ("gate_load", "mixer_eval", 3)]
+    profiles = np.array([[0.25, 0.75], [1.0, 0.0], [1.0, 0.0]])
+    np.testing.assert_allclose(w, by_hand_update(np.full(3, 1 / 3), profiles, 1.0, 0.05), rtol=1e-12)
+
+
+def test_mixer_eval_dataset_names_must_measure_a_training_dataset():
+    from pipeline.mixer_eval import measured_dataset
+
+    assert measured_dataset("b_eval", ["a", "b"]) == 1 and measured_dataset("a_eval", ["a", "b"]) == 0
+    for name in ("c_eval", "a"):  # no such training dataset; a training dataset itself (its rows are trained on)
+        with pytest.raises(FlexfeedError, match="measures no training dataset"):
+            measured_dataset(name, ["a", "b"])

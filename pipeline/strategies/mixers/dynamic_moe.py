@@ -1,11 +1,12 @@
 """`dynamic_moe`: domain proportions from how differently a mixture-of-experts model routes each domain (Zhu et al.
 2024, Algorithm 1).
 
-Each domain d holds out `eval_rows` of its rows (seeded; at most half the domain), never trained on. At a
-decision the live model routes their tokens (the `gate_load` signal: per row, the top-k token counts per expert
-of every MoE layer, computed for these rows only), and
+Each domain d is measured on up to `eval_rows` rows: those of its mixer evaluation dataset (`mixer_eval_dataset`,
+`<dataset>_eval`), else rows held out of its training rows (seeded; at most half the domain), never trained on.
+At a decision the live model routes their tokens (the `gate_load` signal: per row, the top-k token counts per
+expert of every MoE layer, computed for these rows only), and
 
-    O_d     = sum of the counts of d's held-out rows, L1-normalised             (d's expert load profile)
+    O_d     = sum of the counts of d's measured rows, L1-normalised            (d's expert load profile)
     Delta_d = mean_j ||O_d - O_j||_2                                          (how far d routes from the rest)
     w       <- (1 - c) softmax(log w + eta Delta) + c / D
 
@@ -48,18 +49,32 @@ class DynamicMoEParams:
             raise FlexfeedError(f"dynamic_moe eval_rows must be >= 1, got {self.eval_rows}", "use eval_rows: 1000")
 
 
-def held_out_rows(domain_ids: np.ndarray, num_domains: int, eval_rows: int, seed: int) -> np.ndarray:
-    """min(eval_rows, n_d // 2) seeded rows of each domain d, sorted; a domain of one row is refused."""
-    out = []
+def held_out_rows(domain_ids: np.ndarray, num_domains: int, eval_rows: int, seed: int,
+                  skip: np.ndarray | None = None) -> np.ndarray:
+    """min(eval_rows, n_d // 2) seeded rows of each domain d not in `skip`, sorted; a domain of one row is refused."""
+    out = [np.empty(0, dtype=np.int64)]
     for d in range(num_domains):
+        if skip is not None and d in skip:
+            continue
         rows = np.flatnonzero(domain_ids == d)
         take = min(eval_rows, rows.size // 2)
         if take == 0:
             raise FlexfeedError(f"dataset {d} (in `dataset` order) has {rows.size} row(s): dynamic_moe holds rows of "
                                 "each dataset out of training to measure its expert loads, and needs at least 2",
-                                "give every dataset at least 2 rows, or choose another mixer")
+                                "give every dataset at least 2 rows, or a mixer evaluation set <dataset>_eval "
+                                "(mixer_eval_dataset), or choose another mixer")
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, HELD_OUT_STREAM, d])
         out.append(np.sort(rng.choice(rows, size=take, replace=False)))
+    return np.concatenate(out)
+
+
+def eval_set_rows(eval_domains: np.ndarray, eval_rows: int, seed: int) -> np.ndarray:
+    """Up to eval_rows seeded rows of the mixer evaluation split per domain it measures, sorted."""
+    out = [np.empty(0, dtype=np.int64)]
+    for d in np.unique(eval_domains):
+        rows = np.flatnonzero(eval_domains == d)
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, HELD_OUT_STREAM + 1, int(d)])
+        out.append(np.sort(rng.choice(rows, size=min(eval_rows, rows.size), replace=False)))
     return np.concatenate(out)
 
 
@@ -102,25 +117,41 @@ class DynamicMoEMixer(Mixer):
         self.w: np.ndarray | None = None
 
     def needs(self) -> list[SignalNeed]:
-        """Expert loads of the held-out rows only, routed by the live model at each decision."""
-        return [SignalNeed("gate_load", "train", live=True, rows="probe")]
+        """Expert loads of the measured rows only (held-out train rows, mixer evaluation rows), routed by the live
+        model at each decision."""
+        return [SignalNeed("gate_load", "train", live=True, rows="probe"),
+                SignalNeed("gate_load", "mixer_eval", live=True, rows="probe")]
 
     def held_out_rows(self, domain_ids: np.ndarray, num_domains: int) -> np.ndarray:
-        """`eval_rows` seeded rows of each domain (at most half of it): measured at decisions, never trained on."""
-        return held_out_rows(np.asarray(domain_ids), num_domains, self.params.eval_rows, self.seed)
+        """`eval_rows` seeded rows of each domain without a mixer evaluation set (at most half of it): measured at
+        decisions, never trained on."""
+        return held_out_rows(np.asarray(domain_ids), num_domains, self.params.eval_rows, self.seed, self.eval_domains)
+
+    def measured_loads(self, ctx) -> tuple[np.ndarray, np.ndarray]:
+        """(expert counts, training-domain index) of every measured row, at the live model."""
+        rows = self.held_out_rows(ctx.domain_ids, ctx.num_domains)
+        counts, domains = [], []
+        if rows.size:
+            counts.append(ctx.signals.get_rows_all("gate_load", rows)[-1][1])
+            domains.append(np.asarray(ctx.domain_ids)[rows])
+        if self.eval_domains is not None:
+            own = eval_set_rows(self.eval_domains, self.params.eval_rows, self.seed)
+            counts.append(ctx.signals.get_rows_all("gate_load", own, "mixer_eval")[-1][1])
+            domains.append(self.eval_domains[own])
+        return np.concatenate(counts).astype(np.float64), np.concatenate(domains)
 
     def proportions(self, ctx) -> np.ndarray:
         k = ctx.num_domains
-        rows = held_out_rows(np.asarray(ctx.domain_ids), k, self.params.eval_rows, self.seed)
-        counts = np.asarray(ctx.signals.get_rows_all("gate_load", rows)[-1][1], dtype=np.float64)
-        profiles = load_profiles(counts, np.asarray(ctx.domain_ids)[rows], k)
+        counts, domains = self.measured_loads(ctx)
+        profiles = load_profiles(counts, domains, k)
         delta = redundancy(profiles)
         if self.w is None:
             start = ctx.init_proportions if ctx.init_proportions is not None else np.full(k, 1.0 / k)
             self.w = np.asarray(start, dtype=np.float64) / np.sum(start)
         self.w = next_weights(self.w, delta, self.params.eta, self.params.c)
         ctx.log["dynamic_moe"] = {"delta": dict(zip(ctx.domain_names, map(float, delta), strict=True)),
-                                  "held_out_rows": int(rows.size)}
+                                  "measured_rows": dict(zip(ctx.domain_names, map(int, np.bincount(domains, minlength=k)),
+                                                            strict=True))}
         return self.w.copy()
 
     def state_dict(self) -> dict:
