@@ -6,8 +6,9 @@ LoRA warm-up whose two checkpoints precondition LESS's gradients; embeddings, gr
 FAISS index computed by `flexfeed stage all`), built in `--out` (reused when already there).
 
 Then, per seed, one LoRA run per method, each `--steps` steps (batch 8, a uniform warm-up window of
-`--update-step` steps, then a decision every `--update-step` steps), selection by `less`, `near`, `tsds`
-and `random` with their defaults (less from the stored checkpoint gradients, no refresh). Every run starts
+`--update-step` steps, then a decision every `--update-step` steps), selection by `less`, `near`, `tsds`,
+`coincide` and `random` with their defaults (less from the stored checkpoint gradients, no refresh; coincide
+from the hidden features its first run computes). Every run starts
 from the same model with the same steps, batch and learning rate; the seed changes the LoRA
 initialisation, the warm-up window's rows and the random draws. The measured figure is the validation
 loss on `arithmetic_val` (rows of the target domain held out from training) at the end.
@@ -29,7 +30,7 @@ from pathlib import Path
 import _common as common
 from _targets import SELECTION
 
-METHODS = ("random", "less", "near", "tsds")
+METHODS = ("random", "less", "near", "tsds", "coincide")
 TARGET_VAL = "arithmetic_val"
 
 

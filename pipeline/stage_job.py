@@ -6,12 +6,14 @@ import time
 
 from stages.base import Stage
 from stages.data import TokenizedData
-from stages.runner import RunResult, run_stage
+from stages.derived import derive_signal, derived_spec
+from stages.runner import RunResult, existing_signal, run_stage
 from store.errors import FlexfeedError
 from store.faiss_index import build_index, index_status
 from store.store import Store
 
 from .config import RunConfig
+from .config.groups import training_fields
 from .prepared import Prepared, prepare
 from .refresh import live_adam_without_checkpoints
 from .scheduler import configured_stages
@@ -57,7 +59,34 @@ def run_stage_job(cfg: RunConfig, which: str, *, progress: bool = True, prepared
                     plan += [(s, data, store) for s in stages_for(cfg, signal, split)]
         for stage, data, store in plan:
             results.append(run_stage(stage, data, store, cfg.runner, progress=progress))
+    if which == "all":
+        results.extend(derived_job(cfg, p))
     return results
+
+
+def derived_job(cfg: RunConfig, p: Prepared) -> list[RunResult]:
+    """The derived signals the configured components read (a clustering, a keep mask), from their stored sources,
+    with the seed training will give the components; reused when stored for the sources' current values."""
+    seed = int(cfg.training.get("seed", training_fields()["seed"].default))
+    out = []
+    for plan_stage in configured_stages(cfg, seed):
+        for derived, source, split in plan_stage.strategy.derivations():
+            store = p.train_store if split == "train" else p.target_store
+            for stage in stages_for(cfg, source, split):
+                sig = existing_signal(stage, store) if store is not None else None
+                if sig is None or not sig.is_complete():
+                    out.append(RunResult(signal=derived.name, key="", note=f"not derived: {source} is not complete"))
+                    continue
+                t0 = time.perf_counter()
+                _, computed = derive_signal(derived, sig, store)
+                key = store.signal_key(derived.name, derived_spec(derived, sig), derived.dtype, None)
+                seconds = time.perf_counter() - t0
+                note = (f"derived from {source} ({sig.key}) in {seconds:.1f} s" if computed
+                        else f"derived from {source} ({sig.key}): reused from the store")
+                out.append(RunResult(signal=derived.name, key=key, seconds=seconds, note=note,
+                                     computed=list(range(sig.num_shards)) if computed else [],
+                                     skipped=0 if computed else sig.num_shards))
+    return out
 
 
 def component_needs(cfg: RunConfig) -> list[SignalNeed]:

@@ -74,6 +74,11 @@ class Strategy:
         """Signals read at decisions (default: none)."""
         return []
 
+    def derivations(self) -> list[tuple]:
+        """(derived stage, source signal, split) of each signal the strategy derives from the whole of a stored one
+        (`stages.derived`, read with `ctx.signals.derived`): `flexfeed stage all` computes them ahead. Default: none."""
+        return []
+
     def check(self, num_rows: int, row_field=None) -> None:
         """Refuse inputs the strategy reads from outside the store (e.g. a score file) before training starts;
         `row_field(name)` gives the raw train rows' field `name` in row order. Default: nothing to check."""

@@ -23,11 +23,13 @@ def test_coincide_alone_and_after_a_semdedup_filter(run_cfg, tmp_path):
     cfg = load_config(path, overrides)
     done = {r.signal: r for r in run_stage_job(cfg, "all", progress=False)}
     assert done["hidden"].computed and done["hidden"].rows == 64  # the component reads it: computed for every row
-    assert not {r.signal: r for r in run_stage_job(cfg, "all", progress=False)}["hidden"].computed  # then reused
+    assert done["kmeans"].computed and "derived from hidden" in done["kmeans"].note  # then its clustering
+    again = {r.signal: r for r in run_stage_job(cfg, "all", progress=False)}
+    assert not again["hidden"].computed and not again["kmeans"].computed  # both reused
     train(cfg)
     decided = [d for d in _decisions(tmp_path / "alone") if d["decision"]]
-    assert decided[0]["derived"]["kmeans/train"]["computed"] is True
-    assert all(d["derived"]["kmeans/train"]["computed"] is False for d in decided[1:])  # the stored clustering
+    # the clustering stage all stored, with the seed training gives the component, is what every decision reads
+    assert decided and all(d["derived"]["kmeans/train"]["computed"] is False for d in decided)
     assert all(d["info"]["num_clusters"] <= 4 and d["info"]["num_unique"] == 16 for d in decided)
 
     plan = tmp_path / "plan.yaml"

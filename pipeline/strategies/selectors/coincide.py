@@ -134,6 +134,10 @@ class CoincideSelector(Selector):
         return KMeansClusters(num_clusters=p.num_clusters, cluster_size=p.cluster_size, seed=self.seed,
                               kmeans_iters=p.kmeans_iters)
 
+    def derivations(self) -> list[tuple]:
+        """The clustering, derived from the train rows' hidden features."""
+        return [(self.clusters_stage(), "hidden", "train")]
+
     def select(self, ctx, num_samples: int) -> Selection:
         """Every row once per full pass when more rows are asked than there are, the rest by the rule."""
         k = check_count(num_samples, ctx.num_rows)

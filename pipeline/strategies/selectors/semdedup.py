@@ -65,6 +65,10 @@ class SemDedupSelector(Selector):
         return SemDedupMask(num_clusters=p.num_clusters, cluster_size=p.cluster_size, eps=p.eps, seed=self.seed,
                             kmeans_iters=p.kmeans_iters)
 
+    def derivations(self) -> list[tuple]:
+        """The keep mask, derived from the train rows' embeddings."""
+        return [(self.mask_stage(), "embed", "train")]
+
     def select(self, ctx, num_samples: int) -> Selection:
         """The kept rows (all of them when num_samples covers them, else a uniform draw of num_samples)."""
         k = check_count(num_samples, ctx.num_rows)
