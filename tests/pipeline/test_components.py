@@ -55,6 +55,11 @@ def test_lists_every_registered_component_in_json_and_text(catalog):
     assert [k["name"] for k in catalog["plan"]["stage_keys"]][:4] == ["family", "component", "component_args", "mode"]
 
 
+def test_every_registered_component_has_a_rule(catalog):
+    missing = [f"{family} {e['name']}" for family in FAMILY_REGISTRIES for e in catalog[family] if not e["rule"]]
+    assert not missing, f"components without a `rule` class attribute: {missing}"
+
+
 def test_param_defaults_are_those_of_a_default_built_params_dataclass(catalog):
     for family, registry in FAMILY_REGISTRIES.items():
         for e in catalog[family]:

@@ -132,6 +132,10 @@ class LessSelector(Selector):
     """Selects the rows whose gradients best align with the target tasks' gradients."""
 
     Params = LessParams
+    paper = ("Xia et al., LESS: Selecting Influential Data for Targeted Instruction Tuning, ICML 2024 "
+             "(arXiv 2402.04333)")
+    rule = ("cosine to the target gradients at each checkpoint, weighted by its interval's mean learning rate, "
+            "mean per target task, max over tasks; top rows")
     target_signal = "grads_sgd"
     consume_once = True  # fixed scores would retake the same top rows at every decision
 
