@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.embed import pool_hidden, resolve_backend
-from store.errors import FlexfeedError
+from stages.embed import pool_hidden
 
 from .config import RunConfig
 
@@ -33,20 +32,9 @@ class BatchHidden:
 
 
 def batch_hidden_of(cfg: RunConfig, strategies: list) -> BatchHidden | None:
-    """The pooling the run's weighters read from the training forward (None when none reads it).
-
-    Their target embeddings come from the `embed` signal, so that signal must be the training model's own
-    pooled hidden states; another encoder would put the batch and the target in different spaces.
-    """
-    readers = [s.name for s in strategies if getattr(s, "reads_batch_hidden", False)]
-    if not readers:
+    """The pooling the run's weighters read from the training forward: `embed:`'s layer and pooling, so a batch
+    row and the target set's stored `embed` rows are one function of the text (None when no weighter reads it).
+    A weighter refuses, at load, an `embed:` that is not the training model's own (its `check_config`)."""
+    if not any(getattr(s, "reads_batch_hidden", False) for s in strategies):
         return None
-    embed = cfg.embed
-    if embed.model_name_or_path is not None or resolve_backend(embed.backend) != "hf":
-        raise FlexfeedError(
-            f"{', '.join(readers)} compares each batch's hidden states (training model) with the target set's "
-            f"`embed` signal, but embed uses backend {embed.backend!r}"
-            + (f" and model {embed.model_name_or_path!r}" if embed.model_name_or_path else ""),
-            "set embed.backend: hf and leave embed.model_name_or_path unset, so both are the training model's "
-            "pooled hidden states")
-    return BatchHidden(layer=embed.layer, pooling=embed.pooling)
+    return BatchHidden(layer=cfg.embed.layer, pooling=cfg.embed.pooling)

@@ -52,6 +52,19 @@ def test_moe_layout_reads_mixtral_qwen2_moe_and_refuses_a_dense_model():
         moe_layout({"model_type": "llama", "num_hidden_layers": 2})
 
 
+def test_the_gate_load_stage_counts_each_real_token_top_k_times_per_layer(tiny_moe):
+    from stages.args import ModelArgs
+    from stages.gate_load import GateLoadStage
+
+    stage = GateLoadStage(ModelArgs(model_name_or_path=str(tiny_moe)), batch_size=3)
+    assert stage.signal().dim == 2 * 4
+    ids = [[5, 9, 14, 3, 22, 7], [8, 4], [30, 31, 32, 33]]
+    batched = stage.compute({"input_ids": ids})
+    assert batched.reshape(3, 2, 4).sum(-1).tolist() == [[12, 12], [4, 4], [8, 8]]  # 2 experts x real tokens
+    alone = np.concatenate([stage.compute({"input_ids": [r]}) for r in ids])
+    np.testing.assert_array_equal(batched, alone)  # padding routes nothing and changes nothing
+
+
 def by_hand_update(w, profiles, eta, c):
     d = len(w)
     delta = np.array([np.mean([np.sqrt(np.sum((profiles[i] - profiles[j]) ** 2)) for j in range(d)])
@@ -153,10 +166,9 @@ def test_dynamic_moe_inside_a_plan_and_refused_on_a_dense_model(tiny_moe, tiny_c
     train(cfg)
     decisions = [json.loads(x) for x in (tmp_path / "plan" / "out" / "flexfeed_decisions.jsonl").read_text().splitlines()]
     assert [d["dynamic_moe"]["measured_rows"] for d in decisions if d["decision"]] == [{"a": 4, "b": 4}] * 2
-    dense = load_config(make_run_dir(tmp_path / "dense", tiny_checkpoint),
-                        [f"output_dir={tmp_path / 'dense' / 'out'}", "train_type=mix", "component=dynamic_moe"])
+    dense = make_run_dir(tmp_path / "dense", tiny_checkpoint)
     with pytest.raises(FlexfeedError, match="no mixture-of-experts router"):
-        train(dense)
+        load_config(dense, ["train_type=mix", "component=dynamic_moe"])  # at load, not after a silent uniform run
 
 
 def test_a_domain_with_its_own_mixer_evaluation_set_is_measured_there(make_ctx):

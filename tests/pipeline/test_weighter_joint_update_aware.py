@@ -145,17 +145,17 @@ def test_batch_rows_pool_to_the_stored_embedding_of_the_same_text(tiny_checkpoin
         np.testing.assert_allclose(z, stored, atol=2e-3)  # the store keeps float16
 
 
-@pytest.mark.parametrize("override,message", [
-    ("embed.backend=sentence-transformers", "embed uses backend 'sentence-transformers'"),
-    ("refresh.enabled=false", "never refreshes it"),
-])
-def test_configs_it_cannot_work_under_are_refused_before_training(tiny_checkpoint, tmp_path, override, message):
+def test_configs_it_cannot_work_under_are_refused_before_training(tiny_checkpoint, tmp_path):
     from pipeline.config import load_config
     from pipeline.prepared import prepare
     from pipeline.train import build_flex_run, training_arguments
     from tests.helpers.run_fixtures import make_run_dir
 
-    cfg = load_config(make_run_dir(tmp_path, tiny_checkpoint), ["train_type=weight", "component=joint_update_aware",
-                                                                override])
-    with pytest.raises(FlexfeedError, match=message):
+    path = make_run_dir(tmp_path, tiny_checkpoint)
+    run = ["train_type=weight", "component=joint_update_aware"]
+    for override in ("embed.backend=sentence-transformers", f"embed.model_name_or_path={tiny_checkpoint}"):
+        with pytest.raises(FlexfeedError, match="compares each batch's hidden states"):
+            load_config(path, [*run, override])  # at load: another encoder puts the target in another space
+    cfg = load_config(path, [*run, "refresh.enabled=false"])
+    with pytest.raises(FlexfeedError, match="never refreshes it"):
         build_flex_run(cfg, training_arguments(cfg), prepare(cfg, need_target=True))

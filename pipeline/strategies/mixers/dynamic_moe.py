@@ -16,10 +16,13 @@ the smoothing c keeps every domain sampled. w starts from the run's initial mixt
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from stages.moe import moe_layout
 from store.errors import FlexfeedError
 
 from ..base import Mixer, SignalNeed
@@ -115,6 +118,14 @@ class DynamicMoEMixer(Mixer):
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)
         self.w: np.ndarray | None = None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse, at load, a model without a mixture-of-experts router (when its config.json is at hand; a hub id
+        is checked when the run plans its signals, still before training)."""
+        config = Path(cfg.model.model_name_or_path).expanduser() / "config.json"
+        if config.is_file():
+            moe_layout(json.loads(config.read_text()))
 
     def needs(self) -> list[SignalNeed]:
         """Expert loads of the measured rows only (held-out train rows, mixer evaluation rows), routed by the live

@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 
+from stages.embed import resolve_backend
 from store.errors import FlexfeedError
 
 from ..base import SignalNeed, Weighter
@@ -136,6 +137,19 @@ class JointUpdateAwareWeighter(Weighter):
         super().__init__(params, seed)
         self.target: np.ndarray | None = None  # u: unit mean of the target set's embeddings at the last update
         self.last: dict = {}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse an `embed:` other than the training model's pooled hidden states: the batch rows (training forward)
+        and the target rows (embed signal) would then live in different spaces."""
+        embed = cfg.embed
+        if embed.model_name_or_path is not None or resolve_backend(embed.backend) != "hf":
+            raise FlexfeedError(
+                f"component 'joint_update_aware' compares each batch's hidden states (training model) with the target "
+                f"set's `embed` signal, but embed uses backend {embed.backend!r}"
+                + (f" and model {embed.model_name_or_path!r}" if embed.model_name_or_path else ""),
+                "set embed.backend: hf and leave embed.model_name_or_path unset, so both are the training model's "
+                "pooled hidden states (embed.layer, embed.pooling)")
 
     def needs(self) -> list[SignalNeed]:
         """The target set's embeddings (training model, `embed:` layer and pooling), at the live model."""
