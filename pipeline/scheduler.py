@@ -73,6 +73,7 @@ def configured_stages(cfg: RunConfig, seed: int) -> list[PlanStage]:
     if kind == "static":
         return []
     flex = cfg.flex
+    seed = seed if flex.component_seed is None else flex.component_seed  # e.g. a k-means seed, keying its clustering
     if kind != "plan":
         strategy = registry_for(kind).build(flex.component, flex.component_args, seed=seed)
         # index-space kinds wait for warmup_step through the windows; a weighter, which acts on every

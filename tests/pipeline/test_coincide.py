@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,22 @@ def test_the_budget_follows_softmax_of_transferability_over_density(make_ctx):
     got = np.bincount(truth[sel.indices], minlength=3)
     assert np.abs(got - exact).max() < 1  # largest remainder: each within one of its exact share
     assert got[2] > got[0]  # the diverse, transferable cluster outweighs the dense one, though it is the smallest
+
+
+def test_dataflex_coincide_entry_translates(tmp_path):
+    import yaml
+
+    from pipeline.config import load_config
+
+    components = Path(__file__).parent / "data" / "dataflex_1_1_0_components.yaml"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "demo_out/model", "dataset": "a", "output_dir": "out",
+                                    "train_type": "dynamic_select", "component_name": "coincide",
+                                    "components_cfg_file": str(components)}))
+    cfg = load_config(path)
+    # DataFlex 1.1.0's entry: seed 42, clustering_batch_size 8, clustering_max_iter 10, num_clusters 10000, ...
+    assert cfg.flex.component == "coincide" and cfg.flex.component_seed == 42 and cfg.hidden.batch_size == 8
+    assert cfg.flex.component_args == {"num_clusters": 10000, "kmeans_iters": 10, "temperature": 1.0,
+                                       "single_member_density": 1.0}
+    ignored = {w.split("parameter ")[1].split(" ")[0] for w in cfg.warnings if "DataFlex parameter" in w}
+    assert {"'clustering_device'", "'density_chunk_size'", "'cache_dir'"} <= ignored

@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.config import load_config
 from pipeline.prepared import prepare
+from pipeline.scheduler import configured_stages
 from pipeline.strategies import SELECTORS
 from pipeline.strategies.pool_view import pool_context
 from pipeline.train import train
@@ -82,3 +83,12 @@ plan:
     assert first["filter"][0]["pool"] == int(keep.sum()) < keep.size
     later = [d for d in _decisions(tmp_path / "plan") if d["step"] >= 4]
     assert sum(sum(d["per_domain"].values()) for d in later) > 0
+
+
+def test_component_seed_seeds_the_components_and_keys_their_derived_signals(run_cfg):
+    path, _ = run_cfg
+    base = ["train_type=select", "component=semdedup"]
+    (stage,) = configured_stages(load_config(path, base), seed=1)
+    assert stage.strategy.seed == 1 and stage.strategy.mask_stage().seed == 1  # the training seed by default
+    (stage,) = configured_stages(load_config(path, [*base, "component_seed=7"]), seed=1)
+    assert stage.strategy.seed == 7 and stage.strategy.derivations()[0][0].seed == 7
