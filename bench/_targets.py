@@ -7,7 +7,7 @@ prints every figure against its target. A figure a bench does not report counts 
 
 from __future__ import annotations
 
-STORE_READ = {"ratio_stream": (">=", 0.5), "ratio_whole": (">=", 0.5), "rss_ok": ("==", True)}
+STORE_READ = {"ratio_stream": (">=", 0.7), "ratio_whole": (">=", 0.7), "rss_ok": ("==", True)}
 GRADS = {"speedup_vs_less_fp32": (">=", 40.0), "speedup_vs_dataflex_fp16": (">=", 40.0),
          "floor_ratio": ("<=", 1.3), "max_rel_err": ("<=", 1e-4)}
 REUSE = {"warm_over_cold": ("<=", 0.05), "recomputed_shards": ("==", 0), "relocated_over_cold": ("<=", 0.05),

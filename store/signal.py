@@ -10,6 +10,7 @@ set) is not padded to ``shard_rows`` (stores written before held it padded; both
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import time
@@ -52,6 +53,9 @@ class Signal:
         self.meta = meta
         self._array: zarr.Array | None = None
         self._direct = False
+        self._chunk_paths: dict[tuple[int, int], Path] = {}
+        self._loaded: dict[int, tuple[tuple, CommitRecord]] = {}
+        """shard -> (identity of its commit record file before it was read, the record read from it)."""
 
     # -- identity -------------------------------------------------------------
     @property
@@ -124,22 +128,29 @@ class Signal:
             st = os.stat(path)
             out[...] = array[shard, slot, :rows]
             return out, file_identity(path, st)
-        # An uncompressed little-endian chunk is the rows' bytes in C order: one read() into the
-        # caller's buffer is a single copy, as from a memmap, instead of zarr's read-decode-copy.
+        # An uncompressed little-endian chunk is the rows' bytes in C order: one copy from a mapping of
+        # the file into the caller's buffer, instead of zarr's read-decode-copy. A user-space copy from
+        # the page cache runs at memcpy speed, 1.5x a read() into the same buffer. Mapping is safe: a
+        # writer never changes a committed file in place (a commit writes a new file; gc unlinks).
         buf = out.reshape(-1).view(np.uint8)
-        with open(path, "rb", buffering=0) as fh:
-            st = os.fstat(fh.fileno())
-            got = 0
-            while got < buf.size:
-                n = fh.readinto(buf[got:])
-                if not n:
-                    raise ValueError(f"chunk file {fh.name} ends after {got} of {buf.size} bytes")
-                got += n
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if st.st_size < buf.size:
+                raise ValueError(f"chunk file {path} ends after {st.st_size} of {buf.size} bytes")
+            with mmap.mmap(fd, buf.size, access=mmap.ACCESS_READ) as mapped:
+                buf[:] = np.frombuffer(mapped, dtype=np.uint8)
+        finally:
+            os.close(fd)
         return out, file_identity(path, st)
 
     def chunk_path(self, shard: int, slot: int) -> Path:
-        tail = (0,) * (0 if self.dim is None else 1)
-        return self.dir / DATA_ARRAY / self.array.metadata.encode_chunk_key((shard, slot, 0, *tail))
+        path = self._chunk_paths.get((shard, slot))
+        if path is None:  # zarr's key encoding and pathlib cost more than a small shard's copy: once per slot
+            tail = (0,) * (0 if self.dim is None else 1)
+            path = self.dir / DATA_ARRAY / self.array.metadata.encode_chunk_key((shard, slot, 0, *tail))
+            self._chunk_paths[(shard, slot)] = path
+        return path
 
     # -- commit records -------------------------------------------------------
     def _record_path(self, shard: int) -> Path:
@@ -149,7 +160,25 @@ class Signal:
         return self.dir / LOCKS_DIR / f"{shard_file(shard)}.lock"
 
     def _load_record(self, path: Path, shard: int) -> CommitRecord:
-        return CommitRecord.load(path, shard=shard, rows=self.store_meta.rows_in_shard(shard))
+        # the file's identity is taken before it is read: if it is the same later, so is what was read
+        identity = _stat_identity(os.stat(path))
+        record = CommitRecord.load(path, shard=shard, rows=self.store_meta.rows_in_shard(shard))
+        self._loaded[shard] = (identity, record)
+        return record
+
+    def _still_committed(self, record: CommitRecord) -> bool:
+        """True when the shard's commit record file is the one ``record`` was read from (one stat, no parse).
+
+        A commit replaces the file by renaming a new one over it (a new inode), so the same identity is the
+        same record, to the file system's timestamp grain (as for data files, see store.integrity).
+        """
+        seen = self._loaded.get(record.shard)
+        if seen is None or seen[1] is not record:
+            return False
+        try:
+            return _stat_identity(os.stat(self._record_path(record.shard))) == seen[0]
+        except FileNotFoundError:
+            return False
 
     def record(self, shard: int) -> CommitRecord | None:
         """The commit record of a shard, or None while it is not committed (a damaged one is a DamagedFile)."""
@@ -290,7 +319,7 @@ class Signal:
                 error = None
             except Exception as exc:  # a slot replaced or removed under us reads as garbage
                 values, identity, error = None, None, exc
-            now = self.record(record.shard)
+            now = record if self._still_committed(record) else self.record(record.shard)
             if now is None or now.generation == record.generation:
                 if error is not None:
                     raise integrity.corrupt(self, record.shard, f"unreadable ({type(error).__name__}: {error})",
@@ -417,6 +446,10 @@ def _plain_chunks(array: zarr.Array) -> bool:
         and np.dtype(array.dtype).isnative
         and tuple(array.chunks) == (1, 1, *array.shape[2:])
     )
+
+
+def _stat_identity(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _write_file(path: Path, values: np.ndarray) -> None:
