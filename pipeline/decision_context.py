@@ -66,6 +66,8 @@ class DecisionContexts:
         dask = self.cfg.runner.scheduler if self.cfg.runner.scheduler != INLINE else None
         self.scorer = ShardScorer(rank=acc.process_index, world_size=acc.num_processes, gather=all_gather_objects,
                                   scheduler=dask)
+        if dask:
+            trainer.add_callback(ScorerDisconnect(self.scorer))
         if any(r.live for r in self.routes.values()):
             trainer.add_callback(RunCopyMarks(self))
 
@@ -118,6 +120,16 @@ class RunCopyMarks(TrainerCallback):
             for store in self.contexts.stores():
                 mark_finished(store, self.contexts.scheduler.run_id, output_dir=str(args.output_dir),
                               steps=state.global_step, finished_at=time.time())
+
+
+class ScorerDisconnect(TrainerCallback):
+    """Disconnects the decisions' Dask client when training ends (the cluster itself keeps running)."""
+
+    def __init__(self, scorer: ShardScorer):
+        self.scorer = scorer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.scorer.close()
 
 
 def live_state_of(trainer, model):
