@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from stages.kmeans import spherical_kmeans
+
 from ..base import Selection, Selector, SignalNeed
 from ..registry import SELECTORS
 from .less import less_scores
@@ -51,21 +53,6 @@ class ClusterParams:
             raise ValueError("temperature must be > 0")
 
 
-def kmeans_assign(emb: np.ndarray, num_clusters: int, iters: int, seed: int) -> np.ndarray:
-    """Cluster id of every row from seeded FAISS k-means (inner product on unit embeddings)."""
-    import faiss  # heavy, and only this selector clusters
-
-    x = np.ascontiguousarray(emb, dtype=np.float32)
-    k = max(1, min(num_clusters, x.shape[0]))
-    if k == 1:
-        return np.zeros(x.shape[0], dtype=np.int64)
-    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, spherical=True,
-                      min_points_per_centroid=1)
-    km.train(x)
-    _, assign = km.index.search(x, 1)
-    return assign[:, 0].astype(np.int64)
-
-
 def softmax(z: np.ndarray) -> np.ndarray:
     """Numerically stable softmax of a vector."""
     e = np.exp(z - z.max())
@@ -98,7 +85,7 @@ class ClusterSelector(Selector):
         if self.assignment is None or self.assignment.shape[0] != ctx.num_rows:
             emb = train_signal(ctx, "embed", 2)
             k = self.params.num_clusters or -(-ctx.num_rows // self.params.cluster_size)
-            self.assignment = kmeans_assign(emb, k, self.params.kmeans_iters, self.seed)
+            self.assignment, _ = spherical_kmeans(emb, k, iters=self.params.kmeans_iters, seed=self.seed)
         return self.assignment
 
     def select(self, ctx, num_samples: int) -> Selection:
