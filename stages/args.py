@@ -116,7 +116,8 @@ class RunnerArgs:
     """Where offline stages run: a Dask LocalCluster here, or an existing scheduler."""
 
     scheduler: str | None = None
-    """Address of an existing Dask scheduler; None starts a LocalCluster on this machine."""
+    """Address of an existing Dask scheduler: offline stages run there, and training decisions score their signals'
+    shards there; None: stages start a LocalCluster on this machine, decisions score in the training processes."""
     n_workers: int | None = bounded(None, low=1, high=4096)
     """LocalCluster worker processes; default: cores // threads_per_worker (at least 1)."""
     threads_per_worker: int = bounded(1, low=1, high=1024)
