@@ -215,7 +215,8 @@ for _which, _doc in (
     ("hidden", "Pooled features of several hidden layers of a reference model (coincide's `hidden` signal)."),
     ("ngram", "Hashed word and word-pair counts of each row's text, no model (dsir's `ngram` signal)."),
     ("index", "Build or refresh the FAISS index of a signal."),
-    ("all", "Run embed, loss, grads, hidden and ngram (when a component reads them) and index in order."),
+    ("all", "Run embed, loss, grads, hidden and ngram (when a component reads them) and index in order, then "
+            "derive the clusterings and masks the components read."),
 ):
     _stage_command(_which, _doc)
 
