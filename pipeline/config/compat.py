@@ -360,6 +360,38 @@ _NICE = {
 }
 """DataFlex's nice parameters: sampling and judge settings belong to the offline `grads:` stage here."""
 
+_POOLINGS = {"last_token": "last", "mean_pool": "mean"}
+
+
+def _pooling(value, where: str) -> str:
+    if value not in _POOLINGS:
+        raise FlexfeedError(f"{where}: unknown pooling {value!r}", f"choose one of: {', '.join(_POOLINGS)}")
+    return _POOLINGS[value]
+
+
+def _normalised(value, where: str) -> None:
+    if coerce(value, bool, where) is not True:
+        raise FlexfeedError(f"{where}: false is not supported: joint_update_aware compares unit embeddings "
+                            "(S is a cosine Gram matrix)", "remove embed_normalize or set it to true")
+    return None
+
+
+_JOINT_UPDATE_AWARE = {
+    "target_update_step": CompatKey(
+        target="flex.update_step", reason="the target embeddings are refreshed at the live model each time the "
+                                          "weight stage fires: every update_step steps (a pipeline stage's every)"),
+    "target_batch_size": CompatKey(target="embed.batch_size", reason="the target embeddings are the embed stage's"),
+    "target_num_batches": CompatKey(reason="the target vector is the mean over the whole target set (DataFlex's 0), "
+                                           "read from the store's embed signal"),
+    "fixed_point_iters": CompatKey(reason="flexfeed iterates to convergence (tol), at most max_iters times"),
+    "embed_normalize": CompatKey(convert=_normalised, reason="embeddings are always L2-normalised"),
+    "pooling": CompatKey(target="embed.pooling", convert=_pooling,
+                         reason="the batch and the target set are pooled as the embed stage pools (last_token: last "
+                                "real token, also under left padding; mean_pool: mean over real tokens)"),
+    "embed_layer": CompatKey(target="embed.layer", reason="the hidden-state layer the embed stage and the batch pool"),
+}
+"""DataFlex's joint_update_aware parameters: its target and pooling settings are the `embed:` stage's here."""
+
 DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
     "selectors": {
         "*": {
@@ -405,6 +437,14 @@ DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
             "min_exploration_rate": CompatKey(reason="flexfeed's odm follows the paper's exploration schedule "
                                                      "eps_t = min(1/K, sqrt(ln K / (K t))) without a floor"),
         },
+        "dynamic_moe": {
+            "eval_samples": CompatKey(target="component_args.eval_rows",
+                                      reason="rows of each dataset held out to measure its expert loads"),
+            "collect_steps": CompatKey(reason="flexfeed routes every measured row (eval_rows per dataset) at each "
+                                              "decision"),
+            "eval_batch_size": CompatKey(target="loss.batch_size",
+                                         reason="rows per forward of the gate_load pass (as of the loss stage)"),
+        },
     },
     "weighters": {
         "*": {"cache_dir": CompatKey(reason=_STORE)},
@@ -415,6 +455,7 @@ DATAFLEX_PARAMS: dict[str, dict[str, dict[str, CompatKey]]] = {
             "anchor_batch_size": CompatKey(target="embed.batch_size", reason="embeddings are a store stage"),
             "clip": CompatKey(target="component_args.clip", reason="cap on each sigmoid weight"),
         },
+        "joint_update_aware": dict(_JOINT_UPDATE_AWARE),
     },
 }
 """Per (components-file section, component) DataFlex parameter -> flexfeed target or ignore reason."""

@@ -184,8 +184,9 @@ STAGE_KEYS: dict[str, CompatKey] = {
 enabled keep their meaning)."""
 STAGE_FIELDS = tuple(f.name for f in dataclasses.fields(PlanStageArgs) if f.name != "component_args")
 
-STAGE_TARGETS = {"flex.warmup_step": "warmup_step"}
-"""Run keys a component's parameters set that, in a pipeline, belong to its stage (ODM's `warmup_steps`)."""
+STAGE_TARGETS = {"flex.warmup_step": "warmup_step", "flex.update_step": "every"}
+"""Run keys a component's parameters set that, in a pipeline, belong to its stage (ODM's `warmup_steps`,
+joint_update_aware's `target_update_step`)."""
 
 
 def _mapping(value, where: str) -> dict:

@@ -18,8 +18,7 @@ from store.errors import FlexfeedError
 
 FILE = Path(__file__).parent / "data" / "dataflex_1_1_0_components.yaml"
 FAMILY = {section: train_type for train_type, section in SECTIONS.items()}
-NOT_SHIPPED = {("selectors", "custom"), ("mixers", "dynamic_moe"), ("weighters", "joint_update_aware"),
-               ("weighters", "custom")}
+NOT_SHIPPED = {("selectors", "custom"), ("weighters", "custom")}
 
 
 def _entries():
