@@ -113,7 +113,7 @@ class DynamicMoEMixer(Mixer):
     paper = ("Zhu, Dong, Qu, Ruan, Chen, Cheng, Dynamic Data Mixing Maximizes Instruction Tuning for Mixture-of-Experts, "
              "NAACL 2025 (arXiv 2406.11256)")
     rule = ("domains routed to experts unlike the others' (mean L2 distance of L1-normalised expert loads of "
-            "held-out rows, every MoE layer) gain weight: w <- (1 - c) softmax(log w + eta Delta) + c / D")
+            "measured rows, every MoE layer) gain weight: w <- (1 - c) softmax(log w + eta Delta) + c / D")
 
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)
