@@ -43,14 +43,15 @@ class RowMap(Protocol):
         """Names the rule and its parameters: equal keys give equal results on equal values."""
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
-        """The results of one block of rows."""
+        """The results of one block of rows (the block is a fresh copy the rule may overwrite)."""
 
 
-def unit_rows(x: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """Rows scaled to unit L2 norm in ``dtype``; all-zero rows stay zero."""
+def unit_rows(x: np.ndarray, dtype=np.float32, *, overwrite: bool = False) -> np.ndarray:
+    """Rows scaled to unit L2 norm in ``dtype``; all-zero rows stay zero. With ``overwrite``, an ``x`` already of
+    ``dtype`` is scaled in place (the same values, without a second block-sized allocation)."""
     x = np.asarray(x, dtype=dtype)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
+    return np.divide(x, np.where(norms > 0, norms, 1.0), out=x if overwrite else None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,7 +74,7 @@ class UnitProjection:
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
         dtype = np.float64 if self.float64 else np.float32
-        return (unit_rows(block, dtype) @ np.asarray(self.directions, dtype=dtype)).astype(np.float64)
+        return (unit_rows(block, dtype, overwrite=True) @ np.asarray(self.directions, dtype=dtype)).astype(np.float64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,14 +93,14 @@ class UnitMaxCosine:
         return f"unit_max_cosine/{array_digest(self.anchors)}"
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
-        return (unit_rows(block, np.float64) @ np.asarray(self.anchors, dtype=np.float64).T).max(axis=1)
+        return (unit_rows(block, np.float64, overwrite=True) @ np.asarray(self.anchors, dtype=np.float64).T).max(axis=1)
 
 
 
 
 def float_block(block: np.ndarray) -> np.ndarray:
-    """A block of stored values as the rules read them: float16 widened to float32, float64 kept as it is."""
-    return np.asarray(block, dtype=np.promote_types(block.dtype, np.float32))
+    """A fresh copy of a block of stored values as the rules read them: float16 widened to float32, float64 kept."""
+    return np.array(block, dtype=np.promote_types(block.dtype, np.float32))
 
 
 def apply_blocks(fn: RowMap, values: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:

@@ -199,3 +199,13 @@ def test_dask_workers_score_the_committed_slots_as_in_process(less_store):
         finally:
             for scorer in scorers:
                 scorer.close()
+
+
+def test_rules_scale_their_own_copy_never_the_callers_array():
+    from pipeline.strategies.row_maps import UnitMaxCosine, apply_blocks
+
+    values = np.random.default_rng(7).normal(size=(10, 4)).astype(np.float32)
+    before = values.copy()
+    apply_blocks(UnitProjection(np.ones((4, 1))), values, block_rows=3)
+    apply_blocks(UnitMaxCosine(np.eye(4)), values.astype(np.float64), block_rows=3)
+    assert np.array_equal(values, before)
