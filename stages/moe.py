@@ -1,4 +1,5 @@
-"""Mixture-of-experts routers: finding them by name, and freezing them (`freeze_gate`).
+"""Mixture-of-experts routers: finding them by name, freezing them (`freeze_gate`), and counting where they send
+tokens (`moe_layout`, `expert_counts`: the `gate_load` stage's per-row expert loads).
 
 A router is the linear layer that scores experts: `mlp.gate` (Qwen2-MoE, Qwen3-MoE, OLMoE),
 `block_sparse_moe.gate` (Mixtral), `shared_expert_gate` (Qwen2-MoE's gate on its shared expert) or a

@@ -151,6 +151,17 @@ def test_a_mix_run_on_a_tiny_moe_never_trains_on_its_held_out_rows(tiny_moe, tmp
     held_b = held[held >= 40]
     trained = {r for batch in seen_rows for r in batch}
     assert not trained & set(held_b.tolist()) and trained & set(held[held < 40].tolist())
+    # three datasets: the proportions move, each decision by Algorithm 1 from the Delta it logged
+    cfg = _moe_cfg_again(tmp_path / "cfg.yaml", tmp_path / "three", ["dataset=a,b,t", "component_args.c=0.1"])
+    train(cfg)
+    decisions = [json.loads(x) for x in (tmp_path / "three" / "flexfeed_decisions.jsonl").read_text().splitlines()]
+    w = np.full(3, 1 / 3)
+    for d in (d for d in decisions if d["decision"]):
+        delta = np.array([d["dynamic_moe"]["delta"][n] for n in "abt"])
+        z = np.exp(np.log(w) + 50 * delta)
+        w = 0.9 * z / z.sum() + 0.1 / 3
+        np.testing.assert_allclose([d["proportions"][n] for n in "abt"], w, rtol=1e-9)
+    assert np.ptp(w) > 0.05
     # two domains: Delta is the same for both, so the weights stay at the initial mixture
     assert summary["final_weights"] == pytest.approx({"a": 0.5, "b": 0.5})
 
