@@ -253,12 +253,12 @@ class IndexArgs:
     """Name of the signal to index."""
     flat_max_rows: int = bounded(100_000, low=1, high=10**12)
     """Exact IndexFlatIP up to this many rows, IVF above."""
-    sq8_min_rows: int = bounded(2_000_000, low=1, high=10**12)
+    sq8_min_rows: int = bounded(1_000_000, low=1, high=10**12)
     """IVF with 8-bit scalar-quantised vectors (a quarter of float32's memory) from this many rows."""
     pq_min_rows: int = bounded(20_000_000, low=1, high=10**12)
     """IVF with product-quantised vectors (one byte per 8 dims) from this many rows: a 10M-row index fits in memory."""
     nprobe: int | None = bounded(None, low=1, high=65536)
-    """IVF lists a search probes; default max(8, nlist // 16). A build prints its recall@10 against exact search."""
+    """IVF lists a search probes; default max(8, nlist // 64). A build prints its recall@10 against exact search."""
 
     def __post_init__(self):
         check_fields(self)

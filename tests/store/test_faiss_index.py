@@ -162,6 +162,8 @@ def test_shared_index_is_loaded_once_and_replaced_when_the_signal_changes(tmp_pa
 def test_an_index_saved_before_the_rule_fields_still_loads(tmp_path, clustered):
     import json
 
+    import faiss
+
     base, queries = clustered
     sig = make_store(tmp_path / "s", num_rows=1500, shard_rows=256).signal("emb", {"m": 1}, dim=16)
     _write(sig, base)
@@ -170,8 +172,12 @@ def test_an_index_saved_before_the_rule_fields_still_loads(tmp_path, clustered):
     meta = json.loads(meta_path.read_text())
     old = {k: meta[k] for k in ("state", "kind", "rows", "dim")} | {"flat_max_rows": 1000}
     meta_path.write_text(json.dumps(old))
+    # the earlier build's nprobe rule, max(8, nlist // 16), as FAISS saved it inside the index file
+    saved = faiss.read_index(str(sig.dir / "index" / "index.faiss"))
+    saved.nprobe = max(8, ivf_nlist(1500) // 16)
+    faiss.write_index(saved, str(sig.dir / "index" / "index.faiss"))
     index = load_index(sig, use_gpu=False)
-    assert (index.kind, index.nprobe, index.recall) == ("ivf", max(8, ivf_nlist(1500) // 16), None)
+    assert (index.kind, index.nprobe, index.recall) == ("ivf", 9, None)
     assert index.search(queries, 5)[1].shape == (40, 5)
     # the same rule as the old build: reused, not rebuilt
     assert build_index(sig, IndexRule(flat_max_rows=1000), use_gpu=False).built is False
