@@ -274,3 +274,36 @@ def test_joint_update_aware_weighs_batches_from_the_training_forward(run_cfg, tm
     records = [json.loads(x) for x in (tmp_path / "plan" / "flexfeed_weights.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(4, 12))
     assert all(r["joint_update_aware/converged"] and np.ptp(r["weights"]) > 1e-3 for r in records)
+
+
+def test_joint_update_aware_weights_are_the_maximiser_for_the_rows_trained_on(run_cfg, tmp_path, seen_rows):
+    """With a learning rate of 1e-12 the model does not move: each batch's weights must be B x the simplex maximiser for
+    the embed stage's own vectors of the batch's rows and of the target set, computed here apart from the run."""
+    from scipy.optimize import minimize
+
+    from pipeline.prepared import prepare
+    from stages.embed import EmbedStage
+
+    path, _ = run_cfg
+    cfg = load_config(path, [f"output_dir={tmp_path}", "train_type=weight", "component=joint_update_aware",
+                             "component_args.beta=0.5", "component_args.tau=0.05", "warmup_step=4", "update_step=4",
+                             "learning_rate=1e-12", "embed.pooling=mean", "embed.layer=-2"])
+    train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "flexfeed_weights.jsonl").read_text().splitlines()]
+    p = prepare(cfg, need_target=True)
+    stage = EmbedStage(cfg.model, cfg.embed, cutoff_len=cfg.data.cutoff_len)
+    target = stage.compute({"input_ids": p.target.dataset["input_ids"]})
+    u = target.mean(0) / np.linalg.norm(target.mean(0))
+    for record, rows in zip(records, seen_rows[4:], strict=True):
+        z = stage.compute({"input_ids": [p.train.dataset[r]["input_ids"] for r in rows]}).astype(np.float64)
+        s, gram = z @ u, z @ z.T
+
+        def neg(x, s=s, gram=gram):
+            w = np.exp(x - x.max())
+            w /= w.sum()
+            return -(s @ w - 0.25 * w @ gram @ w - 0.05 * np.sum(w * np.log(w)))
+
+        x = minimize(neg, np.zeros(len(rows)), method="BFGS", options={"gtol": 1e-10}).x
+        expected = len(rows) * np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+        np.testing.assert_allclose(record["weights"], expected, atol=2e-3)
+        assert np.ptp(expected) > 0.1  # far from uniform: rows out of order would not match
