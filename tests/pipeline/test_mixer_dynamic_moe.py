@@ -151,13 +151,25 @@ def test_a_mix_run_on_a_tiny_moe_never_trains_on_its_held_out_rows(tiny_moe, tmp
     held_b = held[held >= 40]
     trained = {r for batch in seen_rows for r in batch}
     assert not trained & set(held_b.tolist()) and trained & set(held[held < 40].tolist())
-    # three datasets: the proportions move, each decision by Algorithm 1 from the Delta it logged
-    cfg = _moe_cfg_again(tmp_path / "cfg.yaml", tmp_path / "three", ["dataset=a,b,t", "component_args.c=0.1"])
+    # three datasets, the model held still (learning rate 1e-12): Delta is what the gate_load stage gives for the
+    # held-out rows, computed here apart from the run, and each decision moves the proportions by Algorithm 1
+    cfg = _moe_cfg_again(tmp_path / "cfg.yaml", tmp_path / "three", ["dataset=a,b,t", "component_args.c=0.1",
+                                                                    "learning_rate=1e-12"])
     train(cfg)
+    from pipeline.prepared import prepare
+    from stages.gate_load import GateLoadStage
+
+    p = prepare(cfg, need_target=False)
+    domains = p.train.domain_ids()
+    rows = MIXERS.build("dynamic_moe", {"eval_rows": 6}, seed=cfg.training["seed"]).held_out_rows(domains, 3)
+    counts = GateLoadStage(cfg.model).compute({"input_ids": [p.train.dataset[int(r)]["input_ids"] for r in rows]})
+    profiles = [counts[domains[rows] == k].sum(0) / counts[domains[rows] == k].sum() for k in range(3)]
+    by_hand = [np.mean([np.linalg.norm(profiles[i] - profiles[j]) for j in range(3)]) for i in range(3)]
     decisions = [json.loads(x) for x in (tmp_path / "three" / "flexfeed_decisions.jsonl").read_text().splitlines()]
     w = np.full(3, 1 / 3)
     for d in (d for d in decisions if d["decision"]):
         delta = np.array([d["dynamic_moe"]["delta"][n] for n in "abt"])
+        np.testing.assert_allclose(delta, by_hand, rtol=1e-5)
         z = np.exp(np.log(w) + 50 * delta)
         w = 0.9 * z / z.sum() + 0.1 / 3
         np.testing.assert_allclose([d["proportions"][n] for n in "abt"], w, rtol=1e-9)
