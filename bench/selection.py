@@ -7,8 +7,10 @@ FAISS index computed by `flexfeed stage all`), built in `--out` (reused when alr
 
 Then, per seed, one LoRA run per method, each `--steps` steps (batch 8, a uniform warm-up window of
 `--update-step` steps, then a decision every `--update-step` steps), selection by `less`, `near`, `tsds`,
-`coincide` and `random` with their defaults (less from the stored checkpoint gradients, no refresh; coincide
-from the hidden features its first run computes). Every run starts
+`coincide`, `icons`, `rho_loss`, `dsir` and `random` with their defaults (less and icons from the stored
+checkpoint gradients, no refresh; coincide from the hidden features its first run computes; dsir from the
+ngram counts its first run computes; rho_loss against a reference LoRA trained on the target set, which is
+held out of training, as RHO-LOSS trains its irreducible-loss model on held-out data). Every run starts
 from the same model with the same steps, batch and learning rate; the seed changes the LoRA
 initialisation, the warm-up window's rows and the random draws. The measured figure is the validation
 loss on `arithmetic_val` (rows of the target domain held out from training) at the end.
@@ -30,8 +32,22 @@ from pathlib import Path
 import _common as common
 from _targets import SELECTION
 
-METHODS = ("random", "less", "near", "tsds", "coincide")
+METHODS = ("random", "less", "near", "tsds", "coincide", "icons", "rho_loss", "dsir")
 TARGET_VAL = "arithmetic_val"
+
+
+def reference_adapter(out: Path, steps: int) -> Path:
+    """RHO-LOSS's irreducible-loss model: a LoRA trained on the target rows only (reused when already there)."""
+    from demo.run import write_config
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    last = out / "runs" / "rho_reference" / f"checkpoint-{steps}"
+    if not (last / "adapter_config.json").exists():
+        cfg = write_config(out, "rho_reference", {"train_type": "static", "dataset": "target", "max_steps": steps,
+                                                  "save_steps": steps, "learning_rate": 1.0e-3})
+        train(load_config(cfg))
+    return last
 
 
 def main() -> None:
@@ -59,10 +75,14 @@ def main() -> None:
     build_model(out, size)
     warmup_lora(out, size)
     run_stages(out)
-    setup_s = time.perf_counter() - t0
-    print(f"setup (corpus, model, LoRA warm-up, stages): {setup_s:.0f} s", flush=True)
-
     methods = args.methods.split(",")
+    component_keys = {}
+    if any(m.split("+")[0] == "rho_loss" for m in methods):
+        ref = reference_adapter(out, size.lora_steps)
+        component_keys["rho_loss"] = ["loss.signal=ref_loss", f"loss.adapter_name_or_path={ref}"]
+    setup_s = time.perf_counter() - t0
+    print(f"setup (corpus, model, LoRA warm-ups, stages): {setup_s:.0f} s", flush=True)
+
     losses: dict[str, list[float]] = {m: [] for m in methods}
     distinct: dict[str, list[int]] = {m: [] for m in methods}
     train_s = 0.0
@@ -74,7 +94,8 @@ def main() -> None:
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             cfg = load_config(write_config(out, f"{name}_{seed}", {}), [
-                "train_type=select", f"component={component}", *keys, f"seed={seed}", f"max_steps={args.steps}",
+                "train_type=select", f"component={component}", *component_keys.get(component, []), *keys,
+                f"seed={seed}", f"max_steps={args.steps}",
                 f"warmup_step={args.update_step}", f"update_step={args.update_step}", "save_steps=100000"])
             t1 = time.perf_counter()
             summary = train(cfg)
