@@ -65,6 +65,25 @@ def test_the_gate_load_stage_counts_each_real_token_top_k_times_per_layer(tiny_m
     np.testing.assert_array_equal(batched, alone)  # padding routes nothing and changes nothing
 
 
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
+def test_mixtral_olmoe_and_qwen2_moe_router_logits_are_counted_alike(family):
+    import transformers
+
+    cls, experts = {"mixtral": ("Mixtral", "num_local_experts"), "olmoe": ("Olmoe", "num_experts"),
+                    "qwen2_moe": ("Qwen2Moe", "num_experts")}[family]
+    config = getattr(transformers, f"{cls}Config")(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, num_experts_per_tok=2, **{experts: 4})
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
+    ids, mask = torch.randint(0, 64, (2, 5)), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
+    layers, num_experts, top_k = moe_layout(config.to_dict())
+    counts = expert_counts(logits, mask, top_k).numpy().reshape(2, layers, num_experts)
+    assert (layers, num_experts, top_k) == (2, 4, 2) and counts.sum(-1).tolist() == [[10, 10], [6, 6]]
+
+
 def by_hand_update(w, profiles, eta, c):
     d = len(w)
     delta = np.array([np.mean([np.sqrt(np.sum((profiles[i] - profiles[j]) ** 2)) for j in range(d)])
