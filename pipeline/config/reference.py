@@ -91,11 +91,13 @@ A run is one YAML file in LLaMA-Factory's flat shape, loaded by `pipeline.config
 overrides)` into typed argument groups and validated before anything runs. Every problem is one line
 naming the file and the key, with a hint: unknown keys (with "did you mean"), wrong types, negative or
 absurd step counts, a missing `model_name_or_path`/`dataset`/`output_dir`, an unknown `train_type` or
-component, an unknown component parameter, malformed YAML (with its line) and duplicate keys.
+component, an unknown component parameter, a setting the configured component cannot run under (its
+`check_config`, e.g. `rho_loss` with no reference model), malformed YAML (with its line) and duplicate keys.
 
 - **Flat keys** go to the group that has a field of that name: model, data, store, flexfeed, then
   Hugging Face `TrainingArguments`.
-- **Sections** `embed:`, `loss:`, `grads:`, `index:`, `runner:`, `refresh:`, `hidden:` are nested mappings.
+- **Sections** `embed:`, `loss:`, `grads:`, `index:`, `runner:`, `refresh:`, `hidden:`, `ngram:` are nested
+  mappings.
 - **Paths**: `deepspeed` and `components_cfg_file` are looked up relative to the config file first,
   then the working directory; model, data, store and output paths are used as written (relative to
   the working directory), as in LLaMA-Factory.
