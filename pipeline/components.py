@@ -51,11 +51,16 @@ def param_entries(params_cls: type) -> list[dict]:
     hints = typing.get_type_hints(params_cls)
     out = []
     for f in dataclasses.fields(params_cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        required = _required(f)
         default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
         out.append({"name": f.name, "type": type_text(hints.get(f.name, f.type)), "required": required,
                     "default": json_value(default), "doc": docs.get(f.name, "")})
     return out
+
+
+def _required(f: dataclasses.Field) -> bool:
+    """A field without a default: the component cannot be built before a config gives it."""
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def inherited_field_docs(params_cls: type) -> dict[str, str]:
@@ -82,8 +87,7 @@ def signal_entries(registry: Registry, cls: type) -> dict:
     """`signals`: the needs of a default-built instance (None when a parameter is required);
     `signals_vary_with`: the parameters whose other values change those needs (each other value of a Literal or
     bool parameter is tried; a parameter of open range is not), or the required ones."""
-    required = [f.name for f in dataclasses.fields(cls.Params)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [f.name for f in dataclasses.fields(cls.Params) if _required(f)]
     if required:
         return {"signals": None, "signals_vary_with": required}
     base = _needs(cls, registry, {})
