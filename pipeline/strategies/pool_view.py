@@ -50,7 +50,8 @@ class PoolSignals:
     def search(self, name: str, queries: np.ndarray, k: int, split: str = "train"):
         if split != "train":
             return self.base.search(name, queries, k, split)
-        return exact_search(self.get(name, split), queries, k)
+        # the pool's rows only (read shard by shard from a store), never a whole copy of the train signal
+        return exact_search(self.base.get_rows_all(name, self.pool, split)[-1][1], queries, k)
 
 
 def pool_context(ctx: DecisionContext, pool: np.ndarray | None) -> DecisionContext:

@@ -209,3 +209,22 @@ def test_rules_scale_their_own_copy_never_the_callers_array():
     apply_blocks(UnitProjection(np.ones((4, 1))), values, block_rows=3)
     apply_blocks(UnitMaxCosine(np.eye(4)), values.astype(np.float64), block_rows=3)
     assert np.array_equal(values, before)
+
+
+def test_a_pool_searches_and_scores_only_its_rows():
+    from pipeline.strategies.pool_view import PoolSignals
+
+    emb = np.random.default_rng(8).normal(size=(30, 4)).astype(np.float32)
+    base = InMemorySignals(train={"embed": emb})
+    pool = np.array([25, 3, 7, 11, 19])
+    view = PoolSignals(base, pool)
+    query = emb[7:8] + 0.01
+    scores, ids = view.search("embed", query, 3)
+    sims = emb[pool] @ query[0]  # by hand: pool positions ranked by inner product
+    assert list(ids[0]) == list(np.argsort(-sims)[:3]) and ids[0][0] == 2  # pool position 2 is row 7
+    np.testing.assert_allclose(scores[0], np.sort(sims)[::-1][:3], rtol=1e-6)
+    assert [r.tolist() for _, _, r in base.rows_read] == [pool.tolist()]
+    rule = UnitProjection(np.eye(4)[:, :1])
+    np.testing.assert_allclose(view.map_rows("embed", rule), emb[pool, :1] / np.linalg.norm(emb[pool], axis=1,
+                                                                                            keepdims=True), rtol=1e-6)
+    assert view.variants("embed") == [({"lr": 1.0}, (5, 4))]
