@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from pipeline.strategies import SELECTORS
+from pipeline.strategies.context import InMemorySignals
+from pipeline.strategies.row_maps import apply_blocks
+from pipeline.strategies.selectors import dsir
 from pipeline.strategies.selectors.dsir import gumbel_top_k
 from store.errors import FlexfeedError
 
@@ -91,3 +94,33 @@ def test_reads_the_ngram_counts_of_both_splits_offline():
     assert [(n.name, n.split, n.refresh) for n in sel.needs()] == [("ngram", "train", False),
                                                                    ("ngram", "target", False)]
     assert sel.consume_once and sel.paper and sel.rule
+
+
+class NoWholeTrain(InMemorySignals):
+    """Never hands over the train counts whole: blocks of rows (recorded) and per-row rules only."""
+
+    def get(self, name, split="train"):
+        assert split != "train", "the train counts were read whole"
+        return super().get(name, split)
+
+    def get_all(self, name, split="train"):
+        assert split != "train", "the train counts were read whole"
+        return super().get_all(name, split)
+
+    def variants(self, name, split="train"):
+        return [({}, np.shape(self._data[split][name]))]
+
+    def get_rows_all(self, name, rows, split="train"):
+        self.rows_read.append((name, split, np.asarray(rows).copy()))
+        return [({}, self._data[split][name][np.asarray(rows)])]
+
+    def map_rows(self, name, fn, split="train", variant=-1):
+        return apply_blocks(fn, self._data[split][name])
+
+
+def test_train_counts_are_summed_block_by_block_and_scored_per_row(make_ctx, monkeypatch):
+    monkeypatch.setattr(dsir, "BLOCK_ROWS", 2)  # 5 rows: blocks of 2, 2 and 1
+    signals = NoWholeTrain(train={"ngram": TRAIN}, target={"ngram": TARGET})
+    res = SELECTORS.build("dsir", {"top_k": True}).select(make_ctx(5, signals=signals), 3)
+    np.testing.assert_allclose(res.scores, _expected_log_weights(1e-8), rtol=1e-9)
+    assert [r.tolist() for _, _, r in signals.rows_read] == [[0, 1], [2, 3], [4]]

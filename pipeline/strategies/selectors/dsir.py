@@ -10,6 +10,10 @@ proportional to w by Gumbel top-k: the k largest log w(x) + Gumbel noise, the no
 seeded rng (the same on every rank). theta_raw is fit once, at the stage's first decision, on the rows it sees
 then (every train row, or the pool a filter before it kept) and kept in the state, so the weights do not drift
 as the pool is consumed; drawn pass after pass over the pool, the windows are one importance resample of it.
+
+The train counts are never held whole: theta_raw sums them block by block (`get_rows_all`), and log w is a
+per-row rule the signal source applies shard by shard (`map_rows`, cached while the counts and theta do not
+change), so a decision holds O(N) values and one block of counts.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from store.errors import FlexfeedError
 
 from ..base import Selection, Selector, SignalNeed
 from ..registry import SELECTORS
-from .reading import train_signal
+from ..row_maps import BLOCK_ROWS, array_digest
+from .reading import check_shape
 from .sampling import check_count, ranking, take_ranked
 from .summary import selection_info
 
@@ -41,9 +46,9 @@ class DsirParams:
             raise ValueError(f"smoothing must be in (0, 1), got {self.smoothing}")
 
 
-def bucket_probs(counts: np.ndarray) -> np.ndarray:
-    """A bag-of-n-grams model: the rows' summed bucket counts, normalised to sum to 1."""
-    total = np.asarray(counts, dtype=np.float64).sum(axis=0)
+def bucket_probs(total: np.ndarray) -> np.ndarray:
+    """A bag-of-n-grams model: summed bucket counts, normalised to sum to 1."""
+    total = np.asarray(total, dtype=np.float64)
     if total.sum() <= 0:
         raise FlexfeedError("the rows have no n-grams at all (every count is 0)",
                             "check that the rows have text, and recompute the ngram signal")
@@ -53,6 +58,35 @@ def bucket_probs(counts: np.ndarray) -> np.ndarray:
 def log_ratio(target_probs: np.ndarray, raw_probs: np.ndarray, smoothing: float) -> np.ndarray:
     """Per bucket, log(theta_target + s) - log(theta_raw + s)."""
     return np.log(target_probs + smoothing) - np.log(raw_probs + smoothing)
+
+
+def summed_counts(ctx, num_buckets: int) -> np.ndarray:
+    """The train rows' bucket counts summed, reading BLOCK_ROWS rows at a time."""
+    total = np.zeros(num_buckets, dtype=np.float64)
+    for start in range(0, ctx.num_rows, BLOCK_ROWS):
+        rows = np.arange(start, min(start + BLOCK_ROWS, ctx.num_rows))
+        (_, block), = ctx.signals.get_rows_all("ngram", rows, "train")
+        total += np.asarray(block, dtype=np.float64).sum(axis=0)
+    return total
+
+
+@dataclass(frozen=True, eq=False)
+class CountScore:
+    """counts @ weights: each row's bag-of-n-grams log-likelihood ratio (a RowMap, applied shard by shard)."""
+
+    weights: np.ndarray
+    """(num_buckets,) per-bucket log ratio."""
+
+    @property
+    def dim(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def key(self) -> str:
+        return f"dsir_count_score/{array_digest(self.weights)}"
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        return np.asarray(block, dtype=np.float64) @ self.weights
 
 
 def gumbel_top_k(rng: np.random.Generator, log_weights: np.ndarray, k: int) -> np.ndarray:
@@ -82,14 +116,16 @@ class DsirSelector(Selector):
 
     def log_weights(self, ctx) -> np.ndarray:
         """log w(x) of every row of the context (theta_raw fit at the first call)."""
-        counts = train_signal(ctx, "ngram", 2).astype(np.float64)
+        (_, shape), = ctx.signals.variants("ngram", "train")
+        shape = check_shape(tuple(shape), "ngram", ctx.num_rows, 2)
         target = np.asarray(ctx.signals.get("ngram", "target"), dtype=np.float64)
-        if target.ndim != 2 or target.shape[1] != counts.shape[1]:
-            raise FlexfeedError(f"target 'ngram' has shape {target.shape}, train 'ngram' {counts.shape}",
+        if target.ndim != 2 or target.shape[1] != shape[1]:
+            raise FlexfeedError(f"target 'ngram' has shape {target.shape}, train 'ngram' {shape}",
                                 "compute both with the same ngram settings (num_buckets, max_n)")
-        if self.raw_probs is None or self.raw_probs.shape[0] != counts.shape[1]:
-            self.raw_probs = bucket_probs(counts)
-        return counts @ log_ratio(bucket_probs(target), self.raw_probs, self.params.smoothing)
+        if self.raw_probs is None or self.raw_probs.shape[0] != shape[1]:
+            self.raw_probs = bucket_probs(summed_counts(ctx, shape[1]))
+        ratio = log_ratio(bucket_probs(target.sum(axis=0)), self.raw_probs, self.params.smoothing)
+        return np.asarray(ctx.signals.map_rows("ngram", CountScore(ratio), "train"), dtype=np.float64)
 
     def select(self, ctx, num_samples: int) -> Selection:
         """`num_samples` rows by importance resampling (or the top weights with `top_k`)."""
