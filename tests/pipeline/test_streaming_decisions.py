@@ -228,3 +228,24 @@ def test_a_pool_searches_and_scores_only_its_rows():
     np.testing.assert_allclose(view.map_rows("embed", rule), emb[pool, :1] / np.linalg.norm(emb[pool], axis=1,
                                                                                             keepdims=True), rtol=1e-6)
     assert view.variants("embed") == [({"lr": 1.0}, (5, 4))]
+
+
+@pytest.mark.parametrize("scheduler,dask", [("tcp://10.0.0.7:8786", True), ("inline", False), (None, False)])
+def test_runner_scheduler_sends_the_run_decisions_to_dask(scheduler, dask):
+    """runner.scheduler names the cluster decisions score on (inline or unset: in the training processes)."""
+    from types import SimpleNamespace
+
+    from pipeline.decision_context import DecisionContexts, ScorerDisconnect
+    from stages.args import RunnerArgs
+
+    callbacks = []
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(process_index=1, num_processes=2),
+                              add_callback=callbacks.append)
+    prepared = SimpleNamespace(train=SimpleNamespace(domain_ids=lambda: np.zeros(4, dtype=np.int64)), target=None)
+    contexts = DecisionContexts(SimpleNamespace(runner=RunnerArgs(scheduler=scheduler)), prepared, {}, seed=0,
+                                init_proportions=np.ones(1))
+    contexts.bind(trainer, scheduler=None)
+    scorer = contexts.scorer
+    assert (scorer.rank, scorer.world_size, scorer.gather is not None) == (1, 2, True)
+    assert scorer.scheduler == (scheduler if dask else None)
+    assert [type(c) for c in callbacks] == ([ScorerDisconnect] if dask else [])
