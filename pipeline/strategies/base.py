@@ -21,7 +21,7 @@ class SignalNeed:
     """A signal a strategy reads: name in the store, which split, and whether to refresh it."""
 
     name: str
-    """Store signal name: `embed`, `loss`, `ref_loss`, `grads`, `grads_sgd`."""
+    """Store signal name: `embed`, `hidden`, `ngram`, `loss`, `ref_loss`, `grads`, `grads_sgd`, `grads_nice`, `gate_load`."""
     split: str = "train"
     """`train` (the rows being scheduled), `target` (the eval/target set) or `mixer_eval` (mixer_eval_dataset)."""
     refresh: bool = True
