@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.prepared import prepare
 from pipeline.signal_stages import stages_for
@@ -132,6 +134,15 @@ def test_stage_all_counts_ngrams_only_for_a_component_that_reads_them(run_cfg):
     done = [r for r in run_stage_job(load_config(path, ["train_type=select", "component=dsir"]), "all",
                                      progress=False) if r.signal == "ngram"]
     assert len(done) == 2 and sum(len(r.computed) for r in done) == 4 + 1  # 64 train rows, 6 target, 16 a shard
+
+
+def test_flexfeed_stage_ngram_computes_train_and_target_once(run_cfg):
+    path, _ = run_cfg
+    first = CliRunner().invoke(main, ["stage", "ngram", str(path), "ngram.num_buckets=256"])
+    assert first.exit_code == 0, first.output
+    assert "recomputed_shards=5" in first.output  # 4 train shards of 16 rows, 1 target shard
+    again = CliRunner().invoke(main, ["stage", "ngram", str(path), "ngram.num_buckets=256"])
+    assert again.exit_code == 0 and "recomputed_shards=0" in again.output  # same counting rule, same data: reused
 
 
 def test_dsir_alone_takes_the_largest_importance_weights_of_the_stored_counts(run_cfg, tmp_path):
