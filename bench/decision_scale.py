@@ -4,13 +4,14 @@ Synthetic unit-norm float16 features stand in for a stage's output (no model): e
 into a fresh store (train rows in 4096-row shards, 500 target rows) under the keys of a stand-in stage,
 with the `index` stage's FAISS index for `near`, and then a fresh process decides as the trainer does:
 one `StoreSignals` per decision over the run's routes (a cache kept across decisions) and the registered
-selector choosing 5 % of the rows. Cases (the default):
+selector choosing 5 % of the rows. Later decisions of an unchanged store reuse what the run caches
+(per-row results by the signals' state hashes, `near`'s loaded index), as in training. Cases (the default):
 
 * `less`, 8192 dims, 2 checkpoints, N = 25k, 100k, 400k; 4 checkpoints at 100k;
 * `near`, 384 dims (clustered, as embeddings are), N = 100k (exact index) and 1M (IVF).
 
 Each case reports the first decision's seconds, the median of the later ones, the deciding process's
-peak RSS (imports included) and the signals' bytes on disk. Judged (bench/_targets.py DECISION_SCALE):
+peak RSS (imports included) and the signals' bytes on disk (with `near`'s index). Judged (bench/_targets.py DECISION_SCALE):
 peak RSS at 400k x 8192 x 2 checkpoints; its growth from 25k, less an allowance for the O(N) per-row
 arrays; the spread of first-decision seconds per on-disk GB over the `less` cases (linear in bytes);
 `near`'s later decisions at 1M. A case whose store would not fit the free disk (or memory, for the
@@ -145,6 +146,7 @@ def decide_case(case: dict, root: Path) -> dict:
     from pipeline.plan import rng_for
     from pipeline.prepared import Prepared
     from pipeline.refresh import SignalRoute, StoreSignals, ValueCache
+    from pipeline.shard_scoring import ShardScorer
     from pipeline.strategies import DecisionContext
     from pipeline.strategies.registry import SELECTORS
     from stages.args import (
@@ -168,11 +170,11 @@ def decide_case(case: dict, root: Path) -> dict:
                  target_store=target)
     routes = {key: SignalRoute(key[0], key[1], live=False, stages=stages) for key, stages in signal_plan(case).items()}
     selector = SELECTORS.build(case["selector"], {})
-    cache = ValueCache()  # the run's, as DecisionContexts keeps it across decisions
+    cache, scorer = ValueCache(), ShardScorer()  # the run's, as DecisionContexts keeps them across decisions
     times = []
     for decision in range(1 + LATER_DECISIONS):
         t0 = time.perf_counter()
-        source = StoreSignals(cfg, p, decision, routes, cache=cache)
+        source = StoreSignals(cfg, p, decision, routes, cache=cache, scorer=scorer)
         ctx = DecisionContext(step=decision, num_rows=rows, domain_ids=p.train.domain_ids(),
                               domain_names=p.train.domain_names, rng=rng_for(0, 99, decision), signals=source,
                               target_domain_ids=p.target.domain_ids(), log=source.log)
@@ -188,8 +190,8 @@ def disk_mb(root: Path) -> float:
 
 
 def expected_disk_mb(case: dict) -> float:
-    shards = -(-case["rows"] // SHARD_ROWS)
-    return 2 * case["checkpoints"] * (shards * SHARD_ROWS + SHARD_ROWS) * case["dim"] / 1e6
+    """float16 train and target rows of every checkpoint (a short last shard holds only its rows)."""
+    return 2 * case["checkpoints"] * (case["rows"] + TARGET_ROWS) * case["dim"] / 1e6
 
 
 def skip_reason(case: dict, where: Path) -> str | None:
