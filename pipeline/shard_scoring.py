@@ -1,7 +1,7 @@
 """Per-row results of a stored signal, computed shard by shard: in this process, split across ranks, or on Dask.
 
 A strategy's `RowMap` (pipeline/strategies/row_maps.py) turns rows into a few numbers each. `ShardScorer`
-applies it to one committed shard at a time (read as stored, float16; float32 one block at a time), so a
+applies it to one committed shard at a time (read as stored, float16; float32 one small block at a time), so a
 decision holds a few shards and the (N, ...) results, never the signal: memory is flat in N x d x
 checkpoints. With several ranks, each reads a contiguous share of the shards and the results are
 all-gathered, identical on every rank. With `runner.scheduler` naming a Dask cluster, each shard is a task:
@@ -21,23 +21,17 @@ import numpy as np
 from store.errors import FlexfeedError
 from store.store import Store
 
-from .strategies.row_maps import BLOCK_ROWS, RowMap, float_block
+from .strategies.row_maps import RowMap, apply_blocks
 
 Gather = Callable[[object], list]
 """Every rank's object, in rank order, on every rank (a collective: every rank calls it)."""
 
 
-def shard_results(values: np.ndarray, fn: RowMap, block_rows: int = BLOCK_ROWS) -> np.ndarray:
-    """``fn`` over one shard's stored values, converting one block of ``block_rows`` rows to float32 at a time."""
-    return np.concatenate([fn(float_block(values[i:i + block_rows]))
-                           for i in range(0, len(values), block_rows)])
-
-
-def score_shard(store_root: str, key: str, shard: int, fn: RowMap, block_rows: int = BLOCK_ROWS
+def score_shard(store_root: str, key: str, shard: int, fn: RowMap, block_rows: int | None = None
                 ) -> tuple[int, np.ndarray]:
     """One Dask task: the committed slot of one shard (from its commit record, checksum-checked) scored by ``fn``."""
     values = Store.open(store_root).get(key).read_shard(shard)
-    return shard, shard_results(values, fn, block_rows)
+    return shard, apply_blocks(fn, values, block_rows)
 
 
 def rank_shards(num_shards: int, rank: int, world_size: int) -> range:
@@ -66,8 +60,8 @@ class ShardScorer:
     """All-gather of the ranks' results; None reads every shard on this rank."""
     scheduler: str | None = None
     """Address of a Dask scheduler whose workers score the shards; None scores them in this process."""
-    block_rows: int = BLOCK_ROWS
-    """Rows converted to float32 at a time."""
+    block_rows: int | None = None
+    """Rows converted to float32 at a time; None: about `row_maps.BLOCK_BYTES` of them."""
     _cache: dict = field(default_factory=dict, repr=False)
     _client: object = field(default=None, repr=False)
 
@@ -94,7 +88,7 @@ class ShardScorer:
         return result
 
     def _here(self, sig, fn: RowMap, shards: range) -> np.ndarray:
-        parts = [shard_results(values, fn, self.block_rows) for _, _, values in sig.iter_shards(list(shards))]
+        parts = [apply_blocks(fn, values, self.block_rows) for _, _, values in sig.iter_shards(list(shards))]
         return np.concatenate(parts) if parts else fn(np.zeros((0, fn.dim), dtype=np.float32))
 
     def _scheduled(self, sig, fn: RowMap, shards: range) -> np.ndarray:

@@ -89,13 +89,13 @@ def test_adapt_weights_follow_the_formula(anchor, make_ctx):
     assert math.isclose(w.mean(), 1.0)
 
 
-def test_adapt_max_in_chunks_equals_direct(monkeypatch):
+def test_adapt_max_in_chunks_equals_direct():
+    from pipeline.strategies.row_maps import apply_blocks
     from pipeline.strategies.weighters import adapt
 
     rng = np.random.default_rng(0)
     train, target = rng.normal(size=(50, 8)), rng.normal(size=(7, 8))
-    monkeypatch.setattr(adapt, "CHUNK_ROWS", 16)
-    chunked = adapt.anchor_scores(train, target, "max")
+    chunked = apply_blocks(adapt.anchor_rule(train.shape, target, "max"), train, block_rows=16)
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     np.testing.assert_allclose(chunked, (unit(train) @ unit(target).T).max(axis=1))
 

@@ -25,10 +25,9 @@ from store.errors import FlexfeedError
 
 from ..base import SignalNeed, Weighter
 from ..registry import WEIGHTERS
-from ..row_maps import RowMap, UnitMaxCosine, UnitProjection, apply_blocks, unit_rows
+from ..row_maps import RowMap, UnitMaxCosine, UnitProjection, unit_rows
 
 ANCHORS = ("mean", "max")
-CHUNK_ROWS = 4096  # rows per block of an in-memory array, to bound memory at CHUNK_ROWS x M
 
 
 @dataclass(kw_only=True)
@@ -64,12 +63,6 @@ def anchor_rule(train_shape: tuple[int, ...], target: np.ndarray, anchor: str) -
     if anchor == "mean":
         return UnitProjection(anchors.mean(axis=0)[:, None], float64=True)
     return UnitMaxCosine(anchors)
-
-
-def anchor_scores(train: np.ndarray, target: np.ndarray, anchor: str) -> np.ndarray:
-    """Cosine score of every row of an in-memory train array against the anchor set: mean or max over anchors."""
-    train = np.asarray(train)
-    return apply_blocks(anchor_rule(train.shape, target, anchor), train, CHUNK_ROWS).reshape(len(train))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
