@@ -404,7 +404,9 @@ class StoreSignals:
         return [(meta, self.cache.get(sig, name, split)) for meta, sig in self._signals(name, split)]
 
     def variants(self, name: str, split: str = "train") -> list[tuple[dict, tuple[int, ...]]]:
-        return [(meta, (sig.num_rows, *sig.meta.row_shape)) for meta, sig in self._signals(name, split)]
+        # the shapes get_all returns (a loss signal's first column only), without reading values
+        return [(meta, (sig.num_rows,) if name in LOSS_SIGNALS else (sig.num_rows, *sig.meta.row_shape))
+                for meta, sig in self._signals(name, split)]
 
     def map_rows(self, name: str, fn: RowMap, split: str = "train", variant: int = -1) -> np.ndarray:
         return self.scorer.map_rows(self._signals(name, split)[variant][1], fn)

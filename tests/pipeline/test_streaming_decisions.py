@@ -249,3 +249,14 @@ def test_runner_scheduler_sends_the_run_decisions_to_dask(scheduler, dask):
     assert (scorer.rank, scorer.world_size, scorer.gather is not None) == (1, 2, True)
     assert scorer.scheduler == (scheduler if dask else None)
     assert [type(c) for c in callbacks] == ([ScorerDisconnect] if dask else [])
+
+
+def test_variants_are_the_shapes_get_all_returns_without_reading(less_store, tmp_path, monkeypatch):
+    chosen, _, _ = less_store
+    loss = make_store(tmp_path / "loss", num_rows=ROWS, shard_rows=SHARD_ROWS).signal("loss", {}, dtype="float32",
+                                                                                       dim=2)
+    fill(loss)
+    source = store_source({**chosen, ("loss", "train"): [({}, loss)]})
+    monkeypatch.setattr(type(loss), "read_all", None)  # no values are read
+    assert source.variants("grads") == [(meta, (ROWS, DIM)) for meta, _ in chosen[("grads", "train")]]
+    assert source.variants("loss") == [({}, (ROWS,))]  # a loss signal's first column, as get returns it
