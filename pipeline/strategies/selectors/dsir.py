@@ -66,7 +66,7 @@ def summed_counts(ctx, num_buckets: int) -> np.ndarray:
     for start in range(0, ctx.num_rows, BLOCK_ROWS):
         rows = np.arange(start, min(start + BLOCK_ROWS, ctx.num_rows))
         (_, block), = ctx.signals.get_rows_all("ngram", rows, "train")
-        total += np.asarray(block, dtype=np.float64).sum(axis=0)
+        total += np.asarray(block).sum(axis=0, dtype=np.float64)
     return total
 
 
