@@ -143,7 +143,7 @@ class FlexArgs:
     select_fraction: float | None = bounded(None, low=0, low_open=True, high=1)
     """`select` only: select this share of the train rows (rounded, at least one) at the first decision and train on them for the rest of the run, each row once per pass, reshuffled per pass (LESS: a top fraction selected once); None selects each window's rows at each decision."""
     allow_repeats: bool | None = None
-    """`select` only, per-window selection: true lets each decision choose among every row (fixed scores then retake the same top rows every window); false takes the best rows not yet served in the current pass over the train set (DataFlex's consume_once); default the selector's own (false for less, near, nice, icons, coincide, rho_loss and dsir; true for the others)."""
+    """`select` only, per-window selection: true lets each decision choose among every row (fixed scores then retake the same top rows every window); false takes the best rows not yet served in the current pass over the train set (DataFlex's consume_once); default the selector's own (false for less, near, nice, icons, coincide and dsir; true for the others)."""
     plot_loss: bool = False
     """Write training_loss.png (and training_eval_loss.png when the run evaluates) into output_dir at the end, as LLaMA-Factory does."""
     plan: list = field(default_factory=list)

@@ -5,7 +5,8 @@ every decision) minus the loss of a reference model trained on held-out data (si
 offline by the loss stage, as DoReMi's reference losses are). A row with a high training loss that the
 reference model does fit is learnable, worth learning and not yet learnt; a row both models find hard
 (noise, ambiguity) or both find easy scores low. The paper takes the top rows of each large candidate
-batch; here each decision takes the top rows of the pool not yet served in the current pass.
+batch; here each decision takes the top rows among all rows (`allow_repeats: false` restricts it to the rows
+not yet served in the pass).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class RhoLossSelector(Selector):
     paper = ("Mindermann, Brauner, Razzak, Sharma, Kirsch, Xu, Holtgen, Gomez, Morisot, Farquhar, Gal, "
              "Prioritized Training on Points that are Learnable, Worth Learning, and Not Yet Learnt, ICML 2022")
     rule = "top rows by reducible holdout loss: the live training loss minus the reference model's ref_loss"
-    consume_once = True  # as less: each decision takes the best rows not yet served in the pass
+    # the live loss falls on rows already learnt, so the score itself keeps them out (the paper's "not yet learnt");
+    # consuming the pool would also drop the learnable rows that are still worth another pass
+    consume_once = False
 
     @classmethod
     def check_config(cls, cfg) -> None:
