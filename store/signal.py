@@ -54,6 +54,7 @@ class Signal:
         self._array: zarr.Array | None = None
         self._direct = False
         self._chunk_paths: dict[tuple[int, int], Path] = {}
+        self._record_paths: dict[int, Path] = {}
         self._loaded: dict[int, tuple[tuple, CommitRecord]] = {}
         """shard -> (identity of its commit record file before it was read, the record read from it)."""
 
@@ -154,14 +155,21 @@ class Signal:
 
     # -- commit records -------------------------------------------------------
     def _record_path(self, shard: int) -> Path:
-        return self.dir / COMMITS_DIR / f"{shard_file(shard)}.json"
+        path = self._record_paths.get(shard)
+        if path is None:
+            path = self._record_paths[shard] = self.dir / COMMITS_DIR / f"{shard_file(shard)}.json"
+        return path
 
     def lock_path(self, shard: int) -> Path:
         return self.dir / LOCKS_DIR / f"{shard_file(shard)}.lock"
 
     def _load_record(self, path: Path, shard: int) -> CommitRecord:
-        # the file's identity is taken before it is read: if it is the same later, so is what was read
+        # the file's identity is taken before it is read: if it is the same later, so is what was read,
+        # and a listing of every record (each stream over a signal starts with one) parses only new files
         identity = _stat_identity(os.stat(path))
+        seen = self._loaded.get(shard)
+        if seen is not None and seen[0] == identity:
+            return seen[1]
         record = CommitRecord.load(path, shard=shard, rows=self.store_meta.rows_in_shard(shard))
         self._loaded[shard] = (identity, record)
         return record
