@@ -346,6 +346,6 @@ def shared_index(sig: Signal, rule: IndexRule | None = None, use_gpu: bool | Non
 
 
 def forget_shared() -> None:
-    """Drop every index ``shared_index`` holds (tests, and a bench's first-decision figure)."""
+    """Drop every index ``shared_index`` holds (the next search loads it again)."""
     with _SHARED_LOCK:
         _SHARED.clear()
