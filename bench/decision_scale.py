@@ -136,7 +136,8 @@ def write_case(case: dict, root: Path) -> None:
     if case["selector"] == "near":
         t0 = time.perf_counter()
         index = build_index(stage_signal(signal_plan(case)[("embed", "train")][0], train))
-        print(f"  built {index.describe()} in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"  built {index.describe()} in {time.perf_counter() - t0:.1f} s; writer's peak RSS "
+              f"{status_mb('VmHWM'):.0f} MB", flush=True)
 
 
 def decide_case(case: dict, root: Path) -> dict:
