@@ -109,15 +109,15 @@ def test_rho_loss_alone_takes_the_top_reducible_loss_of_the_live_model(run_cfg, 
     path, _ = run_cfg
     cfg, first, decided = _select_run(path, tmp_path / "alone", "rho_loss", *reference)
     assert len(seen) == 2
-    # the reference loss is the reference adapter's, scored offline; the second decision sees the pool of rows the
-    # first did not take (consume_once), in row order. Each takes the top 16 of live loss minus reference loss.
+    # the reference loss is the reference adapter's, scored offline; both decisions see every row (rho_loss does
+    # not consume the pool: its live loss moves). Each takes the top 16 of live loss minus reference loss.
     ref_stored = _stored(cfg, "ref_loss", "train")[:, 0]
-    pools = [np.arange(64), np.setdiff1d(np.arange(64), seen[0][2])]
-    for (loss, ref, indices), pool in zip(seen, pools):
-        np.testing.assert_allclose(ref, ref_stored[pool], rtol=1e-6)
+    for loss, ref, indices in seen:
+        np.testing.assert_allclose(ref, ref_stored, rtol=1e-6)
         reducible = loss.astype(np.float64) - ref
         assert indices.tolist() == np.argsort(-reducible, kind="stable")[:16].tolist()
     assert not np.allclose(seen[0][0], ref_stored)  # the training model is not the reference
+    assert not np.allclose(seen[0][0], seen[1][0])  # the second decision saw the refreshed live loss
     assert set(first.tolist()) == set(seen[0][2].tolist())
     assert decided[0]["refresh"]["loss/train"]["stale"] == 4  # every shard of the live loss recomputed
 
