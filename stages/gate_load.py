@@ -15,51 +15,35 @@ import numpy as np
 import torch
 
 from stages.args import ModelArgs
-from stages.base import SignalDesc, Stage
+from stages.base import SignalDesc
 from stages.batching import length_sorted_batches, pad_batch
-from stages.models import load_model, load_tokenizer, model_identity, model_sources, resolve_model_args
+from stages.model_stage import FrozenModelStage
+from stages.models import model_sources
 from stages.moe import expert_counts, moe_layout
 from store.errors import FlexfeedError
 
 
-class GateLoadStage(Stage):
+class GateLoadStage(FrozenModelStage):
     """Signal `gate_load`: (rows, MoE layers x experts) token counts of the training model's routing."""
 
     code_version = "gate-load-1"
 
     def __init__(self, model_args: ModelArgs, batch_size: int = 16, max_length: int = 1024):
-        self.model_args = resolve_model_args(model_args)
+        super().__init__(model_args)
         self.batch_size = batch_size
         self.max_length = max_length
         config = json.loads((Path(self.model_args.model_name_or_path) / "config.json").read_text())
         self.layers, self.experts, self.top_k = moe_layout(config)  # no router: refused here, before training
-        self._identity = None
-        self._model = None
-
-    def identity(self) -> dict:
-        if self._identity is None:
-            self._identity = model_identity(self.model_args)
-        return self._identity
 
     def signal(self) -> SignalDesc:
         spec = {"kind": "gate_load", "model": self.identity(), "max_length": self.max_length, "code": self.code_version}
         return SignalDesc("gate_load", spec, "float32", self.layers * self.experts,
                           sources=model_sources(self.model_args))
 
-    def model_version(self) -> tuple[int, str]:
-        ident = self.identity()
-        return 0, str(ident.get("adapter") or ident.get("weights") or "")
-
-    def setup(self) -> None:
-        self._tokenizer = load_tokenizer(self.model_args)
-        self._model = load_model(self.model_args, trainable=False)
-        self._model.eval()
-
     def compute(self, rows: dict[str, list]) -> np.ndarray:
-        if self._model is None:
-            self.setup()
+        self.ready()
         ids = [list(r[: self.max_length]) for r in rows["input_ids"]]
-        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        pad_id = self.pad_id
         out = np.zeros((len(ids), self.layers * self.experts), dtype=np.float32)
         with torch.no_grad():
             for idx in length_sorted_batches([len(r) for r in ids], self.batch_size):

@@ -17,16 +17,11 @@ import numpy as np
 import torch
 
 from stages.args import ModelArgs
-from stages.base import SignalDesc, Stage
+from stages.base import SignalDesc
 from stages.batching import length_sorted_batches, pad_batch
 from stages.embed import pool_hidden
-from stages.models import (
-    load_model,
-    load_tokenizer,
-    model_identity,
-    model_sources,
-    resolve_model_args,
-)
+from stages.model_stage import FrozenModelStage
+from stages.models import model_sources
 from stages.values import bounded, check_fields
 from store.errors import FlexfeedError
 
@@ -92,7 +87,7 @@ def layer_features(hidden_states, attention_mask, layers: list[int], pooling: st
     return feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-class HiddenStage(Stage):
+class HiddenStage(FrozenModelStage):
     """Signal `hidden`: `layer_features` of every row under the reference model."""
 
     code_version = "hidden-1"
@@ -101,19 +96,12 @@ class HiddenStage(Stage):
         margs = model_args
         if args.model_name_or_path:
             margs = replace(margs, model_name_or_path=args.model_name_or_path, adapter_name_or_path=None)
-        self.model_args = resolve_model_args(margs)  # a hub id's snapshot, once: every worker loads it
+        super().__init__(margs)
         self.args = args
         self.max_length = args.max_length or cutoff_len
         self.padding_side = padding_side
         num_blocks, self.hidden_size = model_layers(self.model_args.model_name_or_path)
         self.layers = resolve_layers(args.layers, args.num_layers, num_blocks)
-        self._identity = None
-        self._model = None
-
-    def identity(self) -> dict:
-        if self._identity is None:
-            self._identity = model_identity(self.model_args)
-        return self._identity
 
     def signal(self) -> SignalDesc:
         """Keyed by the model's content, the resolved layers, pooling, activation and length (never a path)."""
@@ -122,21 +110,11 @@ class HiddenStage(Stage):
         return SignalDesc("hidden", spec, "float16", len(self.layers) * self.hidden_size,
                           sources=model_sources(self.model_args))
 
-    def model_version(self) -> tuple[int, str]:
-        ident = self.identity()
-        return 0, str(ident.get("adapter") or ident.get("weights") or "")
-
-    def setup(self) -> None:
-        self._tokenizer = load_tokenizer(self.model_args)
-        self._model = load_model(self.model_args, trainable=False)
-        self._model.eval()
-
     def compute(self, rows: dict[str, list]) -> np.ndarray:
-        if self._model is None:
-            self.setup()
+        self.ready()
         ids = [list(r[: self.max_length]) for r in rows["input_ids"]]
         out = np.zeros((len(ids), len(self.layers) * self.hidden_size), dtype=np.float32)
-        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        pad_id = self.pad_id
         base = self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
         inner = getattr(base, "model", base)  # the decoder: hidden states without the LM head's logits
         with torch.no_grad():

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from stages.args import LossArgs, ModelArgs
-from stages.base import SignalDesc, Stage
+from stages.base import SignalDesc
 from stages.batching import IGNORE_INDEX, length_sorted_batches, pad_batch
-from stages.models import load_model, load_tokenizer, model_identity, model_sources, resolve_model_args
+from stages.model_stage import FrozenModelStage
+from stages.models import model_sources
 from store.errors import FlexfeedError
 
 
@@ -32,7 +33,7 @@ def per_sample_loss(logits, labels):
     return (tok * mask).sum(1) / count.clamp(min=1), count
 
 
-class LossStage(Stage):
+class LossStage(FrozenModelStage):
     """Signal `loss` (training model) or `ref_loss` (reference model): columns (loss, tokens)."""
 
     code_version = "loss-1"
@@ -46,34 +47,16 @@ class LossStage(Stage):
             margs = replace(margs, model_name_or_path=args.model_name_or_path, adapter_name_or_path=None)
         if args.adapter_name_or_path:
             margs = replace(margs, adapter_name_or_path=args.adapter_name_or_path)
-        self.model_args = resolve_model_args(margs)  # a hub id's snapshot, once: every worker loads it
-        self._identity = None
-        self._model = None
-
-    def identity(self) -> dict:
-        if self._identity is None:
-            self._identity = model_identity(self.model_args)
-        return self._identity
+        super().__init__(margs)
 
     def signal(self) -> SignalDesc:
         """`loss` or `ref_loss`, keyed by the model's content; its folders go to the unkeyed sources."""
         spec = {"kind": "loss", "model": self.identity(), "code": self.code_version}
         return SignalDesc(self.args.signal, spec, "float32", 2, sources=model_sources(self.model_args))
 
-    def model_version(self) -> tuple[int, str]:
-        ident = self.identity()
-        return 0, str(ident.get("adapter") or ident.get("weights") or "")
-
-    def setup(self) -> None:
-        self._tokenizer = load_tokenizer(self.model_args)
-        self._model = load_model(self.model_args, trainable=False)
-        self._model.eval()
-
     def compute(self, rows: dict[str, list]) -> np.ndarray:
-        if self._model is None:
-            self.setup()
-        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
-        return losses_of(self._model, rows["input_ids"], rows["labels"], self.args.batch_size, pad_id)
+        self.ready()
+        return losses_of(self._model, rows["input_ids"], rows["labels"], self.args.batch_size, self.pad_id)
 
 
 def losses_of(model, input_ids: list[list[int]], labels: list[list[int]], batch_size: int, pad_id: int) -> np.ndarray:

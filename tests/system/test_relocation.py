@@ -157,7 +157,7 @@ def test_a_relocated_store_model_and_checkpoints_recompute_nothing(origin, tmp_p
     def no_load(*args, **kwargs):
         raise AssertionError("a relocated run loaded a model")
 
-    for module in ("stages.models", "stages.embed", "stages.loss", "stages.grads.stage"):
+    for module in ("stages.models", "stages.embed", "stages.model_stage", "stages.grads.stage"):
         monkeypatch.setattr(f"{module}.load_model", no_load)
     _, again = _run(moved, moved_st)
     assert [r.computed for r in again] == [[] for _ in again]

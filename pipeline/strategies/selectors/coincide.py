@@ -18,31 +18,23 @@ from stages.kmeans import KMeansClusters
 
 from ..base import Selection, Selector, SignalNeed
 from ..registry import SELECTORS
+from .kmeans_params import KMeansParams
 from .reading import train_signal, unit_rows
 from .sampling import check_count, largest_remainder
 from .summary import selection_info
 
 
 @dataclass(kw_only=True)
-class CoincideParams:
-    """Parameters of the coincide selector."""
+class CoincideParams(KMeansParams):
+    """Parameters of the coincide selector (k-means over the train rows' hidden features)."""
 
-    num_clusters: int | None = None
-    """k of k-means over the train rows' hidden features; unset: ceil(N / cluster_size) (DataFlex: min(num_clusters, N))."""
-    cluster_size: int = 64
-    """Target rows per cluster when num_clusters is unset."""
     temperature: float = 1.0
     """tau in softmax(S / (tau * D)): smaller concentrates the budget on transferable, diverse clusters."""
     single_member_density: float = 1.0
     """D of a cluster of one row (it has no pair): 1, the kernel's maximum, as a fully dense cluster."""
-    kmeans_iters: int = 20
-    """k-means iterations."""
 
     def __post_init__(self):
-        if self.num_clusters is not None and self.num_clusters < 1:
-            raise ValueError("num_clusters must be >= 1 (or unset)")
-        if self.cluster_size < 1 or self.kmeans_iters < 1:
-            raise ValueError("cluster_size and kmeans_iters must be >= 1")
+        super().__post_init__()
         if self.temperature <= 0 or self.single_member_density <= 0:
             raise ValueError("temperature and single_member_density must be > 0")
 

@@ -19,28 +19,20 @@ from store.errors import FlexfeedError
 
 from ..base import Selection, Selector, SignalNeed
 from ..registry import SELECTORS
+from .kmeans_params import KMeansParams
 from .sampling import check_count, uniform_sample
 from .summary import selection_info
 
 
 @dataclass(kw_only=True)
-class SemDedupParams:
-    """Parameters of the semdedup selector."""
+class SemDedupParams(KMeansParams):
+    """Parameters of the semdedup selector (k-means over the train rows' embeddings)."""
 
-    num_clusters: int | None = None
-    """k of k-means over the train rows' embeddings; unset: ceil(N / cluster_size)."""
-    cluster_size: int = 64
-    """Target rows per cluster when num_clusters is unset."""
     eps: float = 0.05
     """Duplicates are rows whose cosine to a kept row of their cluster exceeds 1 - eps (the paper's epsilon)."""
-    kmeans_iters: int = 20
-    """k-means iterations."""
 
     def __post_init__(self):
-        if self.num_clusters is not None and self.num_clusters < 1:
-            raise ValueError("num_clusters must be >= 1 (or unset)")
-        if self.cluster_size < 1 or self.kmeans_iters < 1:
-            raise ValueError("cluster_size and kmeans_iters must be >= 1")
+        super().__post_init__()
         if not 0 <= self.eps < 2:
             raise ValueError(f"eps must be in [0, 2) (a cosine threshold 1 - eps), got {self.eps}")
 
