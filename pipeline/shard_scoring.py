@@ -21,7 +21,7 @@ import numpy as np
 from store.errors import FlexfeedError
 from store.store import Store
 
-from .strategies.row_maps import RowMap, apply_blocks
+from .strategies.row_maps import RowMap, apply_blocks, no_rows
 
 Gather = Callable[[object], list]
 """Every rank's object, in rank order, on every rank (a collective: every rank calls it)."""
@@ -89,18 +89,16 @@ class ShardScorer:
 
     def _here(self, sig, fn: RowMap, shards: range) -> np.ndarray:
         parts = [apply_blocks(fn, values, self.block_rows) for _, _, values in sig.iter_shards(list(shards))]
-        return np.concatenate(parts) if parts else fn(np.zeros((0, fn.dim), dtype=np.float32))
+        return np.concatenate(parts) if parts else no_rows(fn)
 
     def _scheduled(self, sig, fn: RowMap, shards: range) -> np.ndarray:
         client = self._connect()
         fn_future = client.scatter(fn, broadcast=True)  # the rule's arrays travel once, not once per shard
-        futures = [client.submit(score_shard, str(sig.dir.parents[1]),  # the store root (<root>/signals/<key>)
- sig.key, shard, fn_future, self.block_rows,
-                                 pure=False) for shard in shards]
+        root = str(sig.dir.parents[1])  # the store root (<root>/signals/<key>)
+        futures = [client.submit(score_shard, root, sig.key, shard, fn_future, self.block_rows, pure=False)
+                   for shard in shards]
         parts = dict(client.gather(futures))
-        if not parts:
-            return fn(np.zeros((0, fn.dim), dtype=np.float32))
-        return np.concatenate([parts[s] for s in shards])
+        return np.concatenate([parts[s] for s in shards]) if parts else no_rows(fn)
 
     def _connect(self):
         if self._client is None:

@@ -27,6 +27,7 @@ from stages.models import (
     resolve_model_args,
     source_path,
 )
+from stages.vectors import l2_normalise
 from store.errors import FlexfeedError
 from store.hashing import fingerprint_directory
 
@@ -64,11 +65,6 @@ def pool_hidden(hidden, attention_mask, pooling: str):
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :].expand_as(attention_mask)
     last = torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class EmbedStage(Stage):

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.derived import DerivedStage
+from stages.vectors import l2_normalise
+
+
+def cluster_count(num_rows: int, num_clusters: int | None, cluster_size: int) -> int:
+    """k of a clustering: `num_clusters`, else ceil(num_rows / cluster_size) (spherical_kmeans caps it at the rows)."""
+    return num_clusters or -(-num_rows // cluster_size)
 
 
 def spherical_kmeans(x: np.ndarray, num_clusters: int, *, iters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,8 +50,7 @@ class KMeansClusters(DerivedStage):
     """k-means iterations."""
 
     def derive(self, values: np.ndarray) -> np.ndarray:
-        x = np.asarray(values, dtype=np.float32)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        k = self.num_clusters or -(-x.shape[0] // self.cluster_size)
+        x = l2_normalise(values)
+        k = cluster_count(x.shape[0], self.num_clusters, self.cluster_size)
         assign, _ = spherical_kmeans(x, k, iters=self.kmeans_iters, seed=self.seed)
         return assign.astype(np.float32)

@@ -14,14 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.derived import DerivedStage
-from stages.kmeans import spherical_kmeans
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); all-zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
+from stages.kmeans import cluster_count, spherical_kmeans
+from stages.vectors import unit_rows
 
 
 def dedup_cluster(x: np.ndarray, centroid: np.ndarray, eps: float) -> np.ndarray:
@@ -55,8 +49,8 @@ class SemDedupMask(DerivedStage):
     """k-means iterations."""
 
     def derive(self, values: np.ndarray) -> np.ndarray:
-        x = unit(values)
-        k = self.num_clusters or -(-x.shape[0] // self.cluster_size)
+        x = unit_rows(values)
+        k = cluster_count(x.shape[0], self.num_clusters, self.cluster_size)
         assign, centroids = spherical_kmeans(x, k, iters=self.kmeans_iters, seed=self.seed)
         keep = np.zeros(x.shape[0], dtype=np.float32)
         for c in np.unique(assign):

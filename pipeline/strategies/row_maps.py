@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from stages.vectors import unit_rows
 from store.errors import FlexfeedError
 
 BLOCK_BYTES = 2 << 20
@@ -46,14 +47,6 @@ class RowMap(Protocol):
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
         """The results of one block of rows (the block is a fresh copy the rule may overwrite)."""
-
-
-def unit_rows(x: np.ndarray, dtype=np.float32, *, overwrite: bool = False) -> np.ndarray:
-    """Rows scaled to unit L2 norm in ``dtype``; all-zero rows stay zero. With ``overwrite``, an ``x`` already of
-    ``dtype`` is scaled in place (the same values, without a second block-sized allocation)."""
-    x = np.asarray(x, dtype=dtype)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, np.where(norms > 0, norms, 1.0), out=x if overwrite else None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,6 +103,11 @@ def block_rows_for(dim: int) -> int:
     return max(1, min(BLOCK_ROWS, BLOCK_BYTES // (4 * max(1, dim))))
 
 
+def no_rows(fn: RowMap) -> np.ndarray:
+    """``fn``'s results for zero rows (the right trailing shape and dtype)."""
+    return fn(np.zeros((0, fn.dim), dtype=np.float32))
+
+
 def apply_blocks(fn: RowMap, values: np.ndarray, block_rows: int | None = None) -> np.ndarray:
     """``fn`` over the rows of a (rows, d) array (a shard as stored, or values in memory), one block at a time:
     ``block_rows`` rows, by default about BLOCK_BYTES (`block_rows_for`)."""
@@ -119,6 +117,4 @@ def apply_blocks(fn: RowMap, values: np.ndarray, block_rows: int | None = None) 
                             "compute the train and target signals with the same model and projection")
     block_rows = block_rows or block_rows_for(fn.dim)
     parts = [fn(float_block(values[i:i + block_rows])) for i in range(0, len(values), block_rows)]
-    if not parts:
-        return fn(np.zeros((0, fn.dim), dtype=np.float32))
-    return np.concatenate(parts)
+    return np.concatenate(parts) if parts else no_rows(fn)

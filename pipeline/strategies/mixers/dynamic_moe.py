@@ -27,6 +27,7 @@ from store.errors import FlexfeedError
 
 from ..base import Mixer, SignalNeed
 from ..registry import MIXERS
+from ..simplex import softmax
 
 HELD_OUT_STREAM = 7_000
 """Seeds the choice of each domain's held-out rows (with the run's seed and the domain's index)."""
@@ -100,9 +101,7 @@ def redundancy(profiles: np.ndarray) -> np.ndarray:
 
 def next_weights(w: np.ndarray, delta: np.ndarray, eta: float, c: float) -> np.ndarray:
     """(1 - c) softmax(log w + eta Delta) + c / D."""
-    z = np.log(np.maximum(w, 1e-300)) + eta * delta
-    z = np.exp(z - z.max())
-    return (1 - c) * z / z.sum() + c / len(w)
+    return (1 - c) * softmax(np.log(np.maximum(w, 1e-300)) + eta * delta) + c / len(w)
 
 
 @MIXERS.register("dynamic_moe")

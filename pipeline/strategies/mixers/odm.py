@@ -28,6 +28,7 @@ from store.errors import FlexfeedError
 
 from ..base import Mixer
 from ..registry import MIXERS
+from ..simplex import softmax
 from .grouping import as_batch, check_domain_ids, per_domain_mean
 
 
@@ -56,9 +57,7 @@ def exploration_rate(t: int, k: int) -> float:
 
 def exp3_policy(r_hat: np.ndarray, eps_prev: float, eps_next: float) -> np.ndarray:
     """(1 - K eps_next) * softmax(eps_prev * R_hat) + eps_next."""
-    z = eps_prev * r_hat
-    z = np.exp(z - z.max())
-    return (1.0 - len(r_hat) * eps_next) * z / z.sum() + eps_next
+    return (1.0 - len(r_hat) * eps_next) * softmax(eps_prev * r_hat) + eps_next
 
 
 @MIXERS.register("odm", "exp3")

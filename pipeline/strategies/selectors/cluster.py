@@ -15,10 +15,12 @@ from typing import Literal
 
 import numpy as np
 
-from stages.kmeans import spherical_kmeans
+from stages.kmeans import cluster_count, spherical_kmeans
 
 from ..base import Selection, Selector, SignalNeed
 from ..registry import SELECTORS
+from ..simplex import softmax
+from .kmeans_params import KMeansParams
 from .less import less_scores
 from .reading import train_signal
 from .sampling import check_count, weighted_sample
@@ -26,37 +28,24 @@ from .summary import selection_info
 
 
 @dataclass(kw_only=True)
-class ClusterParams:
-    """Parameters of the cluster selector."""
+class ClusterParams(KMeansParams):
+    """Parameters of the cluster selector (k-means over the train rows' embeddings)."""
 
-    num_clusters: int | None = None
-    """k of k-means; unset: ceil(N / cluster_size)."""
-    cluster_size: int = 64
-    """Target rows per cluster when num_clusters is unset."""
     samples_per_cluster: int = 3
     """Rows scored per cluster at each decision (drawn afresh each time)."""
     score: Literal["grads", "loss"] = "grads"
     """`grads` (LESS cosine to the target gradients) or `loss` (current loss, higher preferred)."""
     temperature: float = 1.0
     """Softmax temperature over standardised cluster scores; smaller concentrates on the best clusters."""
-    kmeans_iters: int = 20
-    """k-means iterations."""
 
     def __post_init__(self):
-        if self.num_clusters is not None and self.num_clusters < 1:
-            raise ValueError("num_clusters must be >= 1 (or unset)")
-        if self.cluster_size < 1 or self.samples_per_cluster < 1 or self.kmeans_iters < 1:
-            raise ValueError("cluster_size, samples_per_cluster and kmeans_iters must be >= 1")
+        super().__post_init__()
+        if self.samples_per_cluster < 1:
+            raise ValueError("samples_per_cluster must be >= 1")
         if self.score not in ("grads", "loss"):
             raise ValueError(f"score must be 'grads' or 'loss', got {self.score!r}")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax of a vector."""
-    e = np.exp(z - z.max())
-    return e / e.sum()
 
 
 @SELECTORS.register("cluster", "cluster_less")
@@ -84,7 +73,7 @@ class ClusterSelector(Selector):
         """The cluster id of every row (computed at the first decision, then kept)."""
         if self.assignment is None or self.assignment.shape[0] != ctx.num_rows:
             emb = train_signal(ctx, "embed", 2)
-            k = self.params.num_clusters or -(-ctx.num_rows // self.params.cluster_size)
+            k = cluster_count(ctx.num_rows, self.params.num_clusters, self.params.cluster_size)
             self.assignment, _ = spherical_kmeans(emb, k, iters=self.params.kmeans_iters, seed=self.seed)
         return self.assignment
 

@@ -18,6 +18,7 @@ from stages.kmeans import KMeansClusters
 
 from ..base import Selection, Selector, SignalNeed
 from ..registry import SELECTORS
+from ..simplex import softmax
 from .kmeans_params import KMeansParams
 from .reading import train_signal, unit_rows
 from .sampling import check_count, largest_remainder
@@ -141,8 +142,7 @@ class CoincideSelector(Selector):
         s = transferability(centroids.astype(np.float64))
         d = np.array([density(feats[rows], self.params.single_member_density) for rows in members])
         logits = s / (self.params.temperature * d)
-        prob = np.exp(logits - logits.max())
-        prob /= prob.sum()
+        prob = softmax(logits)
         full, rest = divmod(k, ctx.num_rows)
         quota = capped_quotas(rest, prob, np.array([rows.size for rows in members]))
         picked = [rows[mmd_greedy(kernel(feats[rows]), int(q))] for rows, q in zip(members, quota) if q > 0]

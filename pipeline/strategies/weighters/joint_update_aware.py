@@ -25,10 +25,12 @@ from typing import Literal
 import numpy as np
 
 from stages.embed import resolve_backend
+from stages.vectors import unit_rows
 from store.errors import FlexfeedError
 
 from ..base import SignalNeed, Weighter
 from ..registry import WEIGHTERS
+from ..simplex import softmax
 
 MODES = ("full", "align_only", "diverse_only", "uniform")
 
@@ -78,12 +80,6 @@ class Solution:
     converged: bool
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """exp(x) / sum exp(x), shifted for stability."""
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
 def solve_weights(s: np.ndarray, gram: np.ndarray, p: JointUpdateAwareParams) -> Solution:
     """The maximiser of s^T w - (beta/2) w^T S w + tau H(w) on the simplex, per objective_mode."""
     n = s.size
@@ -109,12 +105,6 @@ def solve_weights(s: np.ndarray, gram: np.ndarray, p: JointUpdateAwareParams) ->
         w = (1 - rho) * w + rho * proposal
     residual = float(np.abs(step(w) - w).sum())
     return Solution(w, p.max_iters, residual, residual < p.tol)
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows (or a vector) scaled to unit length; zero ones stay zero."""
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
 def effective_sample_size(w: np.ndarray) -> float:
@@ -161,8 +151,8 @@ class JointUpdateAwareWeighter(Weighter):
         if target.ndim != 2 or len(target) == 0:
             raise FlexfeedError(f"the target embed signal has shape {target.shape}",
                                 "set eval_dataset (or target_dataset) and embed it with the training model")
-        mean = unit(target).mean(axis=0)
-        self.target = unit(mean)
+        mean = unit_rows(target, None).mean(axis=0)
+        self.target = unit_rows(mean, None)
         # 1 when every target row points the same way, near 0 when they cancel out (u is then a weak direction)
         ctx.log["joint_update_aware/target_mean_norm"] = float(np.linalg.norm(mean))
 
@@ -177,7 +167,7 @@ class JointUpdateAwareWeighter(Weighter):
                                 f"{None if z is None else z.shape} for {n} rows and a {self.target.size}-dim target",
                                 "embed the target set with the training model (embed.backend: hf, no "
                                 "embed.model_name_or_path)")
-        z = unit(z)
+        z = unit_rows(z, None)
         sol = solve_weights(z @ self.target, z @ z.T, self.params)
         w = n * sol.w
         self.last = {"ess": effective_sample_size(w), "iters": sol.iters, "residual": sol.residual,

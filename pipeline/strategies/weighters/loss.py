@@ -23,6 +23,7 @@ from store.errors import FlexfeedError
 
 from ..base import Weighter
 from ..registry import WEIGHTERS
+from ..simplex import softmax
 
 STRATEGIES = ("linupper", "uniform", "quadratic", "extremes")
 
@@ -70,9 +71,7 @@ def strategy_curve(x: np.ndarray, strategy: str, delta: float) -> np.ndarray:
 
 def softmax_weights(scores: np.ndarray, temperature: float) -> np.ndarray:
     """B * softmax(scores / temperature): positive weights averaging 1."""
-    z = scores / temperature
-    z = np.exp(z - z.max())
-    return len(z) * z / z.sum()
+    return len(scores) * softmax(scores / temperature)
 
 
 @WEIGHTERS.register("loss")
