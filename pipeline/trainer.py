@@ -23,6 +23,7 @@ from .evaluation import present_domains
 from .sampler import PlanSampler
 from .scheduler import Scheduler
 from .state_io import save_state
+from .strategies.simplex import effective_sample_size
 
 #: Rows per forward of an evaluation whose per_device_eval_batch_size is 1 (see _batched_per_sample_eval).
 PER_SAMPLE_EVAL_BATCH = 32
@@ -173,8 +174,7 @@ class FlexfeedTrainer(Trainer):
         rank = self.accelerator.process_index
         local = torch.as_tensor(w[rank * b : (rank + 1) * b], dtype=per.dtype, device=per.device)
         loss = (local * per).mean()
-        # effective sample size (sum w)^2 / sum w^2: the batch size under equal weights, 1 when one row counts
-        ess = float(w.sum() ** 2 / max(float(np.square(w).sum()), 1e-300))
+        ess = effective_sample_size(w)
         self.flex.weight_log.append({**record, "weights": w.round(5).tolist(), "losses": g_loss.round(5).tolist(),
                                      "ess": round(ess, 5)})
         return (loss, outputs) if return_outputs else loss

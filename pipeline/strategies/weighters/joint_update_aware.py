@@ -30,7 +30,7 @@ from store.errors import FlexfeedError
 
 from ..base import SignalNeed, Weighter
 from ..registry import WEIGHTERS
-from ..simplex import softmax
+from ..simplex import effective_sample_size, softmax
 
 MODES = ("full", "align_only", "diverse_only", "uniform")
 
@@ -105,11 +105,6 @@ def solve_weights(s: np.ndarray, gram: np.ndarray, p: JointUpdateAwareParams) ->
         w = (1 - rho) * w + rho * proposal
     residual = float(np.abs(step(w) - w).sum())
     return Solution(w, p.max_iters, residual, residual < p.tol)
-
-
-def effective_sample_size(w: np.ndarray) -> float:
-    """(sum w)^2 / sum w^2: B for equal weights, 1 when one row takes everything."""
-    return float(w.sum() ** 2 / np.square(w).sum())
 
 
 @WEIGHTERS.register("joint_update_aware", "jua")
