@@ -39,3 +39,11 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def padded_batches(input_ids: list[list[int]], batch_size: int, *, labels: list[list[int]] | None = None,
+                   pad_id: int = 0, side: str = "right") -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(row indices, padded batch) over rows of similar length; callers scatter results back by the indices."""
+    for idx in length_sorted_batches([len(r) for r in input_ids], batch_size):
+        rows_labels = [labels[i] for i in idx] if labels is not None else None
+        yield idx, pad_batch([input_ids[i] for i in idx], rows_labels, pad_id=pad_id, side=side)

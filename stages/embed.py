@@ -16,7 +16,7 @@ import torch
 
 from stages.args import EmbedArgs, ModelArgs
 from stages.base import SignalDesc, Stage
-from stages.batching import length_sorted_batches, pad_batch
+from stages.batching import padded_batches
 from stages.hub import resolve_model, snapshot_identity
 from stages.models import (
     hub_access,
@@ -163,8 +163,7 @@ class EmbedStage(Stage):
         out = np.zeros((len(ids), self.dim()), dtype=np.float32)
         pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         with torch.no_grad():
-            for idx in length_sorted_batches([len(r) for r in ids], self.args.batch_size):
-                batch = pad_batch([ids[i] for i in idx], pad_id=pad_id, side=self.padding_side)
+            for idx, batch in padded_batches(ids, self.args.batch_size, pad_id=pad_id, side=self.padding_side):
                 hidden = forward_hidden(self._model, batch["input_ids"], batch["attention_mask"], self.args.layer)
                 out[idx] = pool_hidden(hidden.float(), batch["attention_mask"], self.args.pooling).cpu().numpy()
         return out

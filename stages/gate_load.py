@@ -16,7 +16,7 @@ import torch
 
 from stages.args import ModelArgs
 from stages.base import SignalDesc
-from stages.batching import length_sorted_batches, pad_batch
+from stages.batching import padded_batches
 from stages.model_stage import FrozenModelStage
 from stages.models import model_sources
 from stages.moe import expert_counts, moe_layout
@@ -46,8 +46,7 @@ class GateLoadStage(FrozenModelStage):
         pad_id = self.pad_id
         out = np.zeros((len(ids), self.layers * self.experts), dtype=np.float32)
         with torch.no_grad():
-            for idx in length_sorted_batches([len(r) for r in ids], self.batch_size):
-                batch = pad_batch([ids[i] for i in idx], pad_id=pad_id)
+            for idx, batch in padded_batches(ids, self.batch_size, pad_id=pad_id):
                 result = self._model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      output_router_logits=True)
                 logits = getattr(result, "router_logits", None)

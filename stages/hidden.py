@@ -18,7 +18,7 @@ import torch
 
 from stages.args import ModelArgs
 from stages.base import SignalDesc
-from stages.batching import length_sorted_batches, pad_batch
+from stages.batching import padded_batches
 from stages.embed import pool_hidden
 from stages.model_stage import FrozenModelStage
 from stages.models import model_sources
@@ -118,8 +118,7 @@ class HiddenStage(FrozenModelStage):
         base = self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
         inner = getattr(base, "model", base)  # the decoder: hidden states without the LM head's logits
         with torch.no_grad():
-            for idx in length_sorted_batches([len(r) for r in ids], self.args.batch_size):
-                batch = pad_batch([ids[i] for i in idx], pad_id=pad_id, side=self.padding_side)
+            for idx, batch in padded_batches(ids, self.args.batch_size, pad_id=pad_id, side=self.padding_side):
                 mask = batch["attention_mask"]
                 hidden = inner(input_ids=batch["input_ids"], attention_mask=mask,
                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True).hidden_states

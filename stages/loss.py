@@ -14,7 +14,7 @@ import torch
 
 from stages.args import LossArgs, ModelArgs
 from stages.base import SignalDesc
-from stages.batching import IGNORE_INDEX, length_sorted_batches, pad_batch
+from stages.batching import IGNORE_INDEX, padded_batches
 from stages.model_stage import FrozenModelStage
 from stages.models import model_sources
 from store.errors import FlexfeedError
@@ -63,8 +63,7 @@ def losses_of(model, input_ids: list[list[int]], labels: list[list[int]], batch_
     """(N, 2) array of (mean token loss, token count) with batched forwards, no gradients."""
     out = np.zeros((len(input_ids), 2), dtype=np.float32)
     with torch.no_grad():
-        for idx in length_sorted_batches([len(r) for r in input_ids], batch_size):
-            batch = pad_batch([input_ids[i] for i in idx], [labels[i] for i in idx], pad_id=pad_id)
+        for idx, batch in padded_batches(input_ids, batch_size, labels=labels, pad_id=pad_id):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, count = per_sample_loss(logits, batch["labels"])
             out[idx, 0] = loss.cpu().numpy()
